@@ -1,0 +1,1 @@
+"""orthonet stage: planners."""

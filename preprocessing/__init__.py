@@ -1,0 +1,1 @@
+"""Raw images -> preprocessed arrays: reorient, crop, resample, normalise, store."""
