@@ -1,0 +1,1 @@
+"""Synthetic multi-view MSK exams: continuous phantoms in physical millimetres, sampled per view like a scanner."""
