@@ -1,0 +1,28 @@
+# orthonet: `make demo` installs and runs the whole pipeline on a synthetic knee dataset;
+# `make test` installs and runs the test suite. Both create ./.venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.orthonet-installed
+
+.PHONY: install test demo clean-demo benchmarks
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m orthonet.demo
+
+clean-demo:
+	rm -rf demo_output
+
+benchmarks: install
+	$(PY) benchmarks/run_all.py
