@@ -16,6 +16,7 @@ import numpy as np
 
 from orthonet.errors import OrthoError
 from orthonet.fileio import load_json
+from orthonet.imageio import Geometry, read_array, read_channels
 
 PathLike = Union[str, Path]
 
@@ -23,6 +24,10 @@ PathLike = Union[str, Path]
 NNUNET_VIEW = "image"
 #: The image folders, by split name.
 SPLIT_FOLDERS = {"Tr": "imagesTr", "Ts": "imagesTs", "Unlabeled": "imagesUnlabeled"}
+#: The label folders, by split name (``labelsTs`` is optional test ground truth, used only by evaluation).
+LABEL_FOLDERS = {"Tr": "labelsTr", "Ts": "labelsTs"}
+#: The diagnosis tables, by split name (``diagnosesTs.csv`` is optional test ground truth).
+DIAGNOSES_FILES = {"Tr": "diagnoses.csv", "Ts": "diagnosesTs.csv"}
 KNOWN_KEYS = {"name", "views", "segmentation_view", "channel_names", "labels", "diagnoses", "file_ending",
               "numTraining", "numUnlabeled", "numTest", "licence", "license", "description", "reference",
               "release", "tensorImageSize", "modality", "overwrite_image_reader_writer", "regions_class_order",
@@ -99,11 +104,33 @@ class DatasetSpec:
     def image_paths(self, case: str, view: str, split: str = "Tr") -> List[Path]:
         return [self.image_path(case, view, c, split) for c in range(self.num_channels(view))]
 
-    def label_path(self, case: str) -> Path:
-        return self.root / "labelsTr" / self.label_name(case)
+    def labels_dir(self, split: str = "Tr") -> Path:
+        """``labelsTr`` or ``labelsTs`` (unlabeled images never have labels)."""
+        if split not in LABEL_FOLDERS:
+            raise OrthoError(f"split '{split}' has no label folder", fix=f"use one of {sorted(LABEL_FOLDERS)}")
+        return self.root / LABEL_FOLDERS[split]
 
-    def has_label(self, case: str) -> bool:
-        return self.segmentation_view is not None and self.label_path(case).is_file()
+    def label_path(self, case: str, split: str = "Tr") -> Path:
+        return self.labels_dir(split) / self.label_name(case)
+
+    def has_label(self, case: str, split: str = "Tr") -> bool:
+        return (self.segmentation_view is not None and split in LABEL_FOLDERS
+                and self.label_path(case, split).is_file())
+
+    def label_file_pattern(self) -> re.Pattern:
+        """Regex for a label file name: ``{CASE}_{VIEW}{ending}`` (``{CASE}{ending}`` for nnU-Net)."""
+        ending = re.escape(self.file_ending)
+        if self.nnunet_format:
+            return re.compile(rf"^(?P<case>.+){ending}$")
+        views = "|".join(re.escape(v) for v in sorted(self.views, key=len, reverse=True))
+        return re.compile(rf"^(?P<case>.+)_(?P<view>{views}){ending}$")
+
+    def parse_label_name(self, filename: str) -> Optional[Tuple[str, str]]:
+        """(case, view) for a label file following the naming, else None."""
+        m = self.label_file_pattern().match(filename)
+        if not m:
+            return None
+        return m.group("case"), (NNUNET_VIEW if self.nnunet_format else m.group("view"))
 
     # ---- case discovery ----------------------------------------------------------------------------------
     def image_file_pattern(self) -> re.Pattern:
@@ -136,20 +163,49 @@ class DatasetSpec:
     def labelled_cases(self) -> List[str]:
         return [c for c in self.cases("Tr") if self.has_label(c)]
 
+    def find_split(self, case: str) -> Optional[str]:
+        """The split (``Tr``, ``Ts`` or ``Unlabeled``) whose image folder holds ``case``, or None."""
+        for split in SPLIT_FOLDERS:
+            if case in self.cases(split):
+                return split
+        return None
+
+    # ---- reading one case ---------------------------------------------------------------------------------
+    def read_view(self, case: str, view: str, split: str = "Tr") -> Tuple[np.ndarray, Geometry]:
+        """All channels of one view as (C, z, y, x) float32 plus the view's geometry (OrthoError on problems)."""
+        return read_channels(self.image_paths(case, view, split))
+
+    def read_label(self, case: str, split: str = "Tr") -> Optional[Tuple[np.ndarray, Geometry]]:
+        """The segmentation (z, y, x) int16 on the segmentation view's grid, or None if the case has none."""
+        if not self.has_label(case, split):
+            return None
+        return read_array(self.label_path(case, split), dtype=np.int16)
+
     # ---- diagnoses and centres ---------------------------------------------------------------------------
     @property
     def diagnoses_csv(self) -> Path:
         return self.root / "diagnoses.csv"
 
+    def diagnoses_path(self, split: str = "Tr") -> Path:
+        """``diagnoses.csv`` (training) or ``diagnosesTs.csv`` (optional test ground truth)."""
+        if split not in DIAGNOSES_FILES:
+            raise OrthoError(f"split '{split}' has no diagnosis table", fix=f"use one of {sorted(DIAGNOSES_FILES)}")
+        return self.root / DIAGNOSES_FILES[split]
+
     @property
     def centers_csv(self) -> Path:
         return self.root / "centers.csv"
 
-    def read_diagnoses(self) -> Dict[str, np.ndarray]:
-        """case id -> float array (len(diagnoses)) of 0/1, NaN where unknown. Raises on any problem."""
-        table, problems = parse_diagnoses(self)
+    def read_diagnoses(self, split: str = "Tr") -> Dict[str, np.ndarray]:
+        """case id -> float array (len(diagnoses)) of 0/1, NaN where unknown. Raises on any problem.
+
+        ``split="Ts"`` reads the optional ``diagnosesTs.csv`` (empty dict if absent)."""
+        path = self.diagnoses_path(split)
+        if split != "Tr" and not path.is_file():
+            return {}
+        table, problems = parse_diagnoses(self, path)
         if problems:
-            raise OrthoError("diagnoses.csv has problems:\n  - " + "\n  - ".join(problems), self.diagnoses_csv,
+            raise OrthoError(f"{path.name} has problems:\n  - " + "\n  - ".join(problems), path,
                              fix="run `ortho_verify_dataset` for the full report")
         return table
 
@@ -221,18 +277,38 @@ def _parse_labels(raw, problems: List[str]) -> Dict[str, int]:
 
 
 def parse_dataset_json(root: PathLike) -> Tuple[Optional[DatasetSpec], List[str]]:
-    """Parse ``root/dataset.json`` and return (spec, problems). ``spec`` is None only if unusable."""
+    """Parse ``root/dataset.json`` and return (spec, problems). ``spec`` is None only if unusable.
+
+    Problems are errors only; harmless oddities (unknown keys) are reported by
+    :func:`parse_dataset_json_detailed` as warnings, so an nnU-Net dataset.json with extra keys loads unchanged."""
+    path = Path(root) / "dataset.json"
+    spec, errors, _ = parse_dataset_json_detailed(root)
+    if spec is None:
+        return None, errors  # these already name the file
+    return spec, [f"{path}: {p}" for p in errors]
+
+
+def parse_dataset_json_detailed(root: PathLike) -> Tuple[Optional[DatasetSpec], List[str], List[str]]:
+    """Parse ``root/dataset.json`` into (spec, errors, warnings); messages do not repeat the file name.
+
+    ``spec`` is None only if the file is missing, not JSON or not an object (then ``errors`` says which)."""
     root = Path(root)
     path = root / "dataset.json"
     problems: List[str] = []
+    warnings: List[str] = []
     try:
         raw = load_json(path, "dataset.json")
     except OrthoError as e:
-        return None, [str(e)]
+        return None, [str(e)], warnings
     if not isinstance(raw, dict):
-        return None, [f"{path}: dataset.json must hold a JSON object"]
+        return None, [f"{path}: dataset.json must hold a JSON object"], warnings
 
     nnunet = "views" not in raw
+    if nnunet:
+        orthonet_keys = sorted(k for k in ("segmentation_view", "diagnoses") if k in raw)
+        if orthonet_keys:
+            problems.append(f"dataset.json has orthonet keys {orthonet_keys} but lacks the required key 'views' "
+                            "(without 'views' it would be read as a single-view nnU-Net dataset)")
     if nnunet:
         views = [NNUNET_VIEW]
         seg_view: Optional[str] = NNUNET_VIEW
@@ -259,7 +335,7 @@ def parse_dataset_json(root: PathLike) -> Tuple[Optional[DatasetSpec], List[str]
         problems.append("dataset.json lacks the required key 'labels'")
     unknown = sorted(set(raw) - KNOWN_KEYS)
     if unknown:
-        problems.append(f"unknown keys in dataset.json (typo?): {unknown}")
+        warnings.append(f"unknown keys in dataset.json are ignored (typo?): {unknown}")
 
     channel_names = _parse_channel_names(raw.get("channel_names", raw.get("modality")), views, problems)
     labels = _parse_labels(raw.get("labels", {"background": 0}), problems)
@@ -281,12 +357,16 @@ def parse_dataset_json(root: PathLike) -> Tuple[Optional[DatasetSpec], List[str]
     if isinstance(num_training, bool) or not isinstance(num_training, int) or num_training < 0:
         problems.append(f"'numTraining' must be a non-negative integer (found {num_training!r})")
         num_training = 0
+    for key in ("numUnlabeled", "numTest"):
+        value = raw.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            problems.append(f"'{key}' must be a non-negative integer (found {value!r})")
 
     spec = DatasetSpec(root=root, name=str(raw.get("name", root.name)), views=list(views),
                        segmentation_view=seg_view, channel_names=channel_names, labels=labels,
                        diagnoses=list(diagnoses), file_ending=file_ending, num_training=num_training,
                        nnunet_format=nnunet, raw=raw)
-    return spec, [f"{path}: {p}" for p in problems]
+    return spec, problems, warnings
 
 
 def load_dataset(root: PathLike) -> DatasetSpec:
@@ -298,48 +378,66 @@ def load_dataset(root: PathLike) -> DatasetSpec:
     return spec
 
 
-def parse_diagnoses(spec: DatasetSpec) -> Tuple[Dict[str, np.ndarray], List[str]]:
-    """Read diagnoses.csv into case -> float array (NaN = unknown) and a list of every problem found."""
+def parse_diagnoses(spec: DatasetSpec, path: Optional[PathLike] = None) -> Tuple[Dict[str, np.ndarray], List[str]]:
+    """Read diagnoses.csv (or ``path``, e.g. diagnosesTs.csv) into case -> float array (NaN = unknown) and a
+    list of every problem found."""
+    table, problems = parse_diagnoses_detailed(spec, path)
+    return table, [message for message, _ in problems]
+
+
+def parse_diagnoses_detailed(spec: DatasetSpec, path: Optional[PathLike] = None
+                             ) -> Tuple[Dict[str, np.ndarray], List[Tuple[str, str]]]:
+    """As :func:`parse_diagnoses`, but every problem comes as (message naming file and line, how to fix it)."""
     table: Dict[str, np.ndarray] = {}
-    problems: List[str] = []
-    path = spec.diagnoses_csv
+    problems: List[Tuple[str, str]] = []
+    path = spec.diagnoses_csv if path is None else Path(path)
+    header_hint = f"case_id,{','.join(spec.diagnoses)}"
     if not spec.diagnoses:
         return table, problems
     if not path.is_file():
-        return table, [f"{path}: missing; dataset.json declares diagnoses {spec.diagnoses}"]
+        return table, [(f"{path}: missing; dataset.json declares diagnoses {spec.diagnoses}",
+                        f"create {path.name} with the header '{header_hint}' (empty cells mean unknown), "
+                        "or set \"diagnoses\": [] in dataset.json")]
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except (UnicodeDecodeError, csv.Error) as e:
-        return table, [f"{path}: unreadable CSV ({e})"]
+        return table, [(f"{path}: unreadable CSV ({e})", "save the table as UTF-8 comma-separated text")]
     if not rows:
-        return table, [f"{path}: empty; expected a header 'case_id,{','.join(spec.diagnoses)}'"]
+        return table, [(f"{path}: empty; expected a header '{header_hint}'",
+                        f"write the header '{header_hint}' and one row per case")]
     header = [h.strip() for h in rows[0]]
     if not header or header[0] != "case_id":
-        problems.append(f"{path}: the first column must be 'case_id' (found '{header[0] if header else ''}')")
+        problems.append((f"{path}: the first column must be 'case_id' (found '{header[0] if header else ''}')",
+                         f"make the header '{header_hint}'"))
     columns = header[1:]
     missing = [d for d in spec.diagnoses if d not in columns]
     extra = [c for c in columns if c not in spec.diagnoses]
     if missing:
-        problems.append(f"{path}: columns missing for diagnoses {missing}")
+        problems.append((f"{path}: columns missing for diagnoses {missing}",
+                         f"make the header '{header_hint}' (the names in dataset.json 'diagnoses')"))
     if extra:
-        problems.append(f"{path}: columns {extra} are not in dataset.json 'diagnoses'")
+        problems.append((f"{path}: columns {extra} are not in dataset.json 'diagnoses'",
+                         "rename them to match dataset.json 'diagnoses', or add them there"))
     dup_cols = sorted({c for c in columns if columns.count(c) > 1})
     if dup_cols:
-        problems.append(f"{path}: duplicated columns {dup_cols}")
+        problems.append((f"{path}: duplicated columns {dup_cols}", "keep one column per diagnosis"))
     col_index = {d: header.index(d) for d in spec.diagnoses if d in header}
+    first_line: Dict[str, int] = {}
     for line_no, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) != len(header):
-            problems.append(f"{path}, line {line_no}: {len(row)} cells but the header has {len(header)}")
+            problems.append((f"{path}, line {line_no}: {len(row)} cells but the header has {len(header)}",
+                             "give every row one cell per header column (leave unknown cells empty)"))
             continue
         case = row[0].strip()
         if not case:
-            problems.append(f"{path}, line {line_no}: empty case_id")
+            problems.append((f"{path}, line {line_no}: empty case_id", "fill in the case id or delete the row"))
             continue
         if case in table:
-            problems.append(f"{path}, line {line_no}: case '{case}' appears twice")
+            problems.append((f"{path}, line {line_no}: case '{case}' appears twice (first on line "
+                             f"{first_line[case]})", "keep one row per case"))
             continue
         values = np.full(len(spec.diagnoses), np.nan, dtype=np.float32)
         for i, d in enumerate(spec.diagnoses):
@@ -351,7 +449,9 @@ def parse_diagnoses(spec: DatasetSpec) -> Tuple[Dict[str, np.ndarray], List[str]
             if cell in ("0", "1", "0.0", "1.0"):
                 values[i] = float(cell)
             else:
-                problems.append(f"{path}, line {line_no}: '{d}' for case '{case}' is '{cell}'; "
-                                f"allowed are 0, 1 or empty (unknown)")
+                problems.append((f"{path}, line {line_no}: '{d}' for case '{case}' is '{cell}'; "
+                                 f"allowed are 0, 1 or empty (unknown)",
+                                 "write 1 (present), 0 (absent) or leave the cell empty (unknown)"))
         table[case] = values
+        first_line[case] = line_no
     return table, problems

@@ -58,13 +58,18 @@ def _write(arr: np.ndarray, geom: Geometry, path: Path) -> None:
 
 def write_tiny_dataset(root: Path, n_train: int = 4, n_test: int = 1, n_unlabeled: int = 0, seed: int = 0,
                        oblique: bool = False, views: Sequence[str] = VIEWS, seg_view: str = "sagittal",
-                       unlabeled_seg_cases: int = 0, channels: int = 1, size_scale: float = 1.0) -> Path:
-    """Write a small orthonet-format dataset at ``root`` (a DatasetXXX_Name folder) and return ``root``."""
+                       unlabeled_seg_cases: int = 0, channels: int = 1, size_scale: float = 1.0,
+                       test_ground_truth: bool = False, centers: Optional[Sequence[str]] = None) -> Path:
+    """Write a small orthonet-format dataset at ``root`` (a DatasetXXX_Name folder) and return ``root``.
+
+    ``test_ground_truth`` also writes ``labelsTs/`` and ``diagnosesTs.csv``; ``centers`` (names, assigned round
+    robin to all cases) writes ``centers.csv``."""
     rng = np.random.default_rng(seed)
     root = Path(root)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "imagesUnlabeled"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     diag_rows: List[List[str]] = []
+    test_rows: List[List[str]] = []
     splits = [("Tr", f"case{i:03d}") for i in range(n_train)] + [("Ts", f"test{i:03d}") for i in range(n_test)] \
         + [("Unlabeled", f"unl{i:03d}") for i in range(n_unlabeled)]
     for idx, (split, case) in enumerate(splits):
@@ -83,12 +88,27 @@ def write_tiny_dataset(root: Path, n_train: int = 4, n_test: int = 1, n_unlabele
                        root / f"images{split}" / f"{case}_{view}_{c:04d}.nii.gz")
             if split == "Tr" and view == seg_view and idx >= unlabeled_seg_cases:
                 _write(lab, grid.geometry, root / "labelsTr" / f"{case}_{view}.nii.gz")
+            if split == "Ts" and view == seg_view and test_ground_truth:
+                (root / "labelsTs").mkdir(exist_ok=True)
+                _write(lab, grid.geometry, root / "labelsTs" / f"{case}_{view}.nii.gz")
         if split == "Tr":
             diag_rows.append([case] + [str(int(x)) for x in lesions])
+        if split == "Ts":
+            test_rows.append([case] + [str(int(x)) for x in lesions])
     with open(root / "diagnoses.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["case_id"] + DIAGNOSES)
         w.writerows(diag_rows)
+    if test_ground_truth:
+        with open(root / "diagnosesTs.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["case_id"] + DIAGNOSES)
+            w.writerows(test_rows)
+    if centers:
+        with open(root / "centers.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["case_id", "center"])
+            w.writerows([case, centers[i % len(centers)]] for i, (_, case) in enumerate(splits))
     meta = {"name": root.name.split("_", 1)[-1], "views": list(views), "segmentation_view": seg_view,
             "channel_names": {str(c): f"MR{c}" for c in range(channels)}, "labels": LABELS,
             "diagnoses": DIAGNOSES, "file_ending": ".nii.gz", "numTraining": n_train}
