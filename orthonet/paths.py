@@ -73,7 +73,8 @@ def resolve_dataset_name(dataset: Union[int, str]) -> str:
         raise OrthoError(f"'{dataset}' is neither a dataset id nor a DatasetXXX_Name folder name",
                          fix="pass the three-digit id (e.g. 101) or the full folder name (e.g. Dataset101_Knee)")
     dataset_id = int(text)
-    for root in (raw_root(), preprocessed_root(), results_root()):
+    for root_fn in (raw_root, preprocessed_root, results_root):
+        root = root_fn()
         found = _candidates(root, dataset_id)
         if len(found) > 1:
             raise OrthoError(f"dataset id {dataset_id} is ambiguous in {root}: {', '.join(found)}",

@@ -114,3 +114,7 @@ class MultiViewDiagnosisModel(nn.Module):
     def forward(self, inputs: Dict[str, torch.Tensor], present: Optional[Dict[str, torch.Tensor]] = None) -> Dict:
         skips = self.encode(inputs)
         return self.diagnosis({v: [s[i] for i in self.levels[v]] for v, s in skips.items()}, present)
+
+    def diagnose(self, inputs: Dict[str, torch.Tensor], present: Optional[Dict[str, torch.Tensor]] = None) -> Dict:
+        """Same as ``forward``; the name every diagnosis-capable orthonet model shares."""
+        return self.forward(inputs, present)

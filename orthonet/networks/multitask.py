@@ -164,6 +164,15 @@ class _SegmentationBase(nn.Module):
                                                                                   affines[self.seg_view]), others)
         return self.decoder(seg_skips)
 
+    def segment(self, inputs: Inputs, affines: Optional[Dict[str, object]] = None):
+        """Segmentation output only (no diagnosis head): what sliding-window inference calls per tile."""
+        inputs = self._as_dict(inputs)
+        if self.seg_view not in inputs:
+            raise ValueError(f"the segmentation view '{self.seg_view}' is missing from the inputs")
+        views = [v for v in inputs if v == self.seg_view or self.cross_view is not None]
+        skips = {v: self.encoders[v](inputs[v]) for v in views}
+        return self._segment(skips, affines)
+
     def _as_dict(self, inputs: Inputs) -> Dict[str, torch.Tensor]:
         if isinstance(inputs, torch.Tensor):
             return {self.seg_view: inputs}
@@ -215,6 +224,12 @@ class MultiTaskModel(_SegmentationBase):
         level_channels = {v: [encoder_output_channels(s)[i] for i in self.levels[v]]
                           for v, s in specs_by_view.items()}
         self.diagnosis = DiagnosisHead(level_channels, n_diagnoses, fusion=fusion, **head_kwargs)
+
+    def diagnose(self, inputs: Inputs, present: Optional[Dict[str, torch.Tensor]] = None) -> Dict:
+        """Diagnosis outputs only (the decoder does not run): ``{'logits', 'view_logits'}``."""
+        inputs = self._as_dict(inputs)
+        skips = {v: self.encoders[v](x) for v, x in inputs.items()}
+        return self.diagnosis({v: [s[i] for i in self.levels[v]] for v, s in skips.items()}, present)
 
     def forward(self, inputs: Inputs, present: Optional[Dict[str, torch.Tensor]] = None,
                 affines: Optional[Dict[str, object]] = None) -> Dict:

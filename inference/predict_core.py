@@ -1,0 +1,161 @@
+"""Model-level prediction on preprocessed arrays: the part shared by the trainers' final validation and
+``ortho_predict``.
+
+Why shared: the held-out validation that picks thresholds must predict exactly as deployment does (same sliding
+window, same Gaussian weighting, same mirroring, same diagnosis crops), or the thresholds it picks are for a
+different model.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from inference.sliding_window import sliding_window_predict
+from inference.tta import make_tta_predictor
+from orthonet.errors import OrthoError
+from orthonet.fileio import load_json
+from training.checkpoint import load_checkpoint
+from training.data.sampling import center_bbox
+from training.model_factory import ModelConfig, build_model, has_diagnosis, has_segmentation
+from training.runtime import autocast
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+@dataclass
+class LoadedModel:
+    """A trained model ready for inference plus what is needed to feed it."""
+
+    model: nn.Module
+    config: ModelConfig
+    plans: Dict
+    fold_dir: Path
+    device: torch.device
+
+    @property
+    def configuration(self) -> str:
+        return self.config.configuration
+
+    def view_config(self, view: str) -> Dict:
+        return self.plans["views"][view]["configurations"][self.config.configuration]
+
+    def patch_size(self, view: str) -> List[int]:
+        return [int(p) for p in self.view_config(view)["patch_size"]]
+
+
+def load_trained_model(fold_dir: Union[str, Path], device: torch.device,
+                       checkpoint_name: str = "checkpoint_final.pt") -> LoadedModel:
+    """Rebuild a trained model from its fold folder (checkpoint + the plans copy in the parent folder)."""
+    fold_dir = Path(fold_dir)
+    ckpt_path = fold_dir / checkpoint_name
+    if not ckpt_path.is_file() and checkpoint_name == "checkpoint_final.pt":
+        alt = fold_dir / "checkpoint_best.pt"
+        if alt.is_file():
+            ckpt_path = alt
+    ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    extra = ckpt.get("extra") or {}
+    if "model_config" not in extra:
+        raise OrthoError("checkpoint has no model description (was it written by ortho_train?)", ckpt_path,
+                         fix="point at a fold folder written by ortho_train")
+    plans = load_json(fold_dir.parent / "plans.json", "plans copy of the trained model")
+    cfg = ModelConfig.from_dict(extra["model_config"])
+    model = build_model(plans, cfg)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return LoadedModel(model, cfg, plans, fold_dir, device)
+
+
+def _as_tensor(x: ArrayLike) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _segment_fn(model: nn.Module, device: torch.device):
+    def predict(patch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(device):
+            out = model.segment(patch.to(device)) if hasattr(model, "segment") else model(patch.to(device))
+        if isinstance(out, (list, tuple)):      # deep supervision: full resolution first
+            out = out[0]
+        return out.float()
+    return predict
+
+
+def segmentation_logits(loaded: LoadedModel, data: ArrayLike, mirror_axes: Sequence[int] = (0, 1, 2),
+                        step_size: float = 0.5, progress: bool = False) -> torch.Tensor:
+    """Sliding-window (Gaussian-weighted, step 0.5) logits (K, *shape) of the segmentation view's preprocessed
+    image (C, *shape), averaged over mirrorings."""
+    cfg = loaded.config
+    view = cfg.segmentation_view
+    patch = loaded.patch_size(view)
+    image = _as_tensor(data).float()
+    axes = [a for a in mirror_axes if a < len(patch)]
+    fn = make_tta_predictor(_segment_fn(loaded.model, loaded.device), axes)
+    return sliding_window_predict(fn, image, patch, cfg.num_classes, step_size=step_size, device=loaded.device,
+                                  progress=progress)
+
+
+def center_crop(data: ArrayLike, patch: Sequence[int]) -> torch.Tensor:
+    """The deterministic centre crop (zero-padded where the volume is smaller) that training validates on."""
+    arr = _as_tensor(data).float()
+    bbox = center_bbox(arr.shape[1:], patch)
+    out = torch.zeros((arr.shape[0], *patch), dtype=arr.dtype)
+    src, dst = [slice(None)], [slice(None)]
+    for (lo, hi), n in zip(bbox, arr.shape[1:]):
+        s0, s1 = max(lo, 0), min(hi, n)
+        src.append(slice(s0, s1))
+        dst.append(slice(s0 - lo, s0 - lo + max(0, s1 - s0)))
+    out[tuple(dst)] = arr[tuple(src)]
+    return out
+
+
+def diagnosis_logits(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike],
+                     mirror_axes: Sequence[int] = (0, 1, 2)) -> np.ndarray:
+    """Fused diagnosis logits (D,) from the views present (centre crop of each view's patch size), averaged over
+    joint mirrorings of all views. Views the model does not know are ignored; missing views degrade gracefully."""
+    views = [v for v in loaded.config.views if v in inputs_by_view]
+    if not views:
+        raise OrthoError(f"none of the model's views {loaded.config.views} is available for diagnosis")
+    crops = {v: center_crop(inputs_by_view[v], loaded.patch_size(v))[None].to(loaded.device) for v in views}
+    present = {v: torch.ones(1, dtype=torch.bool, device=loaded.device) for v in views}
+    ndim = len(next(iter(crops.values())).shape) - 2
+    axes = [a for a in mirror_axes if a < ndim]
+    combos = [()] + [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
+    total = None
+    with torch.no_grad(), autocast(loaded.device):
+        for combo in combos:
+            dims = [a + 2 for a in combo]
+            x = {v: torch.flip(t, dims) if dims else t for v, t in crops.items()}
+            out = loaded.model.diagnose(x, present)["logits"].float()
+            total = out if total is None else total + out
+    return (total / len(combos))[0].cpu().numpy()
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def predict_preprocessed_case(models: Sequence[LoadedModel], data_by_view: Mapping[str, ArrayLike],
+                              mirror_axes: Sequence[int] = (0, 1, 2), step_size: float = 0.5,
+                              progress: bool = False) -> Dict:
+    """Ensemble prediction of one preprocessed case over ``models`` (e.g. folds).
+
+    Returns ``{'seg_probabilities': (K, *shape) tensor or None, 'diag_probabilities': (n_models, D) array or None}``;
+    segmentation probabilities are the mean of each model's softmax, diagnosis probabilities are kept per model so
+    the caller can report the ensemble's spread.
+    """
+    seg_sum, diag = None, []
+    seg_view = models[0].config.segmentation_view
+    for m in models:
+        if has_segmentation(m.config) and seg_view in data_by_view:
+            probs = torch.softmax(segmentation_logits(m, data_by_view[seg_view], mirror_axes, step_size, progress),
+                                  0)
+            seg_sum = probs if seg_sum is None else seg_sum + probs
+        if has_diagnosis(m.config):
+            diag.append(sigmoid(diagnosis_logits(m, data_by_view, mirror_axes)))
+    return {"seg_probabilities": None if seg_sum is None else seg_sum / len(models),
+            "diag_probabilities": np.stack(diag) if diag else None}

@@ -1,0 +1,104 @@
+"""``ortho_train`` (and re-exports of ``ortho_pretrain`` / ``ortho_sample``): parse arguments, run one trainer."""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from orthonet.cli_utils import run_cli
+from orthonet.dataset import parse_dataset_json
+from orthonet.errors import OrthoError
+from orthonet.paths import preprocessed_root, resolve_dataset_name
+from training.model_factory import TASKS
+from training.options import DEFAULT_PLANS, TrainOptions
+
+
+def default_task(dataset_name: str) -> str:
+    """What the dataset has labels for: both -> multitask, else seg or diag."""
+    spec, problems = parse_dataset_json(preprocessed_root() / dataset_name)
+    if spec is None:
+        raise OrthoError("dataset.json missing in the preprocessed folder", preprocessed_root() / dataset_name,
+                         fix="run `ortho_plan_and_preprocess` first")
+    seg = spec.has_segmentation
+    diag = bool(spec.diagnoses)
+    if seg and diag:
+        return "multitask"
+    if diag:
+        return "diag"
+    if seg:
+        return "seg"
+    raise OrthoError("the dataset declares neither segmentation labels nor diagnoses: nothing to train",
+                     preprocessed_root() / dataset_name / "dataset.json")
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ortho_train", description="Train a segmentation, diagnosis or multitask model "
+                                "for one cross-validation fold, configured from plans.json.")
+    p.add_argument("dataset", help="dataset id (101) or name (Dataset101_Knee)")
+    p.add_argument("configuration", help="plans configuration, e.g. 3d_fullres, 2d, 3d_lowres")
+    p.add_argument("fold", help="0-4, or 'all' to train on every case")
+    p.add_argument("-tr", "--trainer", default=None,
+                   help="trainer class: SegTrainer, DiagTrainer, MultitaskTrainer or package.module.YourTrainer "
+                        "(default: the one for --task)")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="default: what the dataset has labels for (segmentation and diagnoses -> multitask)")
+    p.add_argument("--pretrained", default="auto",
+                   help="auto (this dataset's ortho_pretrain encoders, or those of the dataset its plans were "
+                        "transferred from), none (from scratch), or a path to a Pretrain__ folder / encoder.pt")
+    p.add_argument("--label-fraction", type=float, default=1.0,
+                   help="keep a deterministic, stratified fraction of the training cases' labels (e.g. 0.1)")
+    p.add_argument("--epochs", type=int, default=None, help="override the trainer's number of epochs (1000)")
+    p.add_argument("--iterations-per-epoch", type=int, default=None, help="override iterations per epoch (250)")
+    p.add_argument("--val-iterations", type=int, default=None, help="online validation batches per epoch (50)")
+    p.add_argument("--c", dest="continue_training", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--val", dest="validation_only", action="store_true",
+                   help="only rerun the final validation with the trained weights")
+    p.add_argument("--device", default=None, help="cuda, cpu or auto (default: cuda when available)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="background data-loading processes (0 = in-process, for debugging)")
+    p.add_argument("-p", "--plans", default=DEFAULT_PLANS, help="plans name (default orthoPlans)")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--fuse-views", action="store_true",
+                   help="segmentation: sample the other views' bottleneck features into the segmentation view")
+    p.add_argument("--fusion", choices=["concat", "attention"], default="concat",
+                   help="diagnosis fusion across views (default concat + MLP)")
+    p.add_argument("--no-final-validation", action="store_true", help="skip the full-volume validation at the end")
+    return p
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_train_parser().parse_args(argv)
+    from training.trainers import get_trainer_class
+    dataset_name = resolve_dataset_name(args.dataset)
+    task = args.task
+    if args.trainer is None and task is None:
+        task = default_task(dataset_name)
+    cls = get_trainer_class(args.trainer, task)
+    options = TrainOptions(dataset_name=dataset_name, configuration=args.configuration, fold=args.fold,
+                           task=cls.task, pretrained=args.pretrained, label_fraction=args.label_fraction,
+                           epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
+                           val_iterations=args.val_iterations, continue_training=args.continue_training,
+                           validation_only=args.validation_only, device=args.device, num_workers=args.num_workers,
+                           plans_name=args.plans, seed=args.seed, fuse_views=args.fuse_views, fusion=args.fusion,
+                           final_validation=not args.no_final_validation)
+    trainer = cls(options)
+    trainer.run()
+    print(f"results: {trainer.output_dir}")
+    return 0
+
+
+train_cli = run_cli(train_main)
+
+
+def pretrain_cli(argv: Optional[Sequence[str]] = None) -> int:
+    from training.pretrain_cli import pretrain_cli as _cli
+    return _cli(argv)
+
+
+def sample_cli(argv: Optional[Sequence[str]] = None) -> int:
+    from training.pretrain_cli import sample_cli as _cli
+    return _cli(argv)
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(train_cli())

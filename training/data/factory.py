@@ -1,0 +1,112 @@
+"""Loaders configured from plans.json — the wiring trainers would otherwise each repeat.
+
+A configuration entry (``plans['views'][view]['configurations'][config]``) gives the patch size, batch size,
+spacing and network strides; from those we derive the enlarged sampling patch, pseudo-2D augmentation and the
+deep-supervision label pyramid. Every function returns a :class:`~training.data.loader.BatchLoader`; pass
+``num_workers=0`` to run in-process; extra keyword arguments (``start_method``, ``pin_memory``) go to it.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Set
+
+import numpy as np
+
+from orthonet.errors import OrthoError
+from training.data.augmentation import (build_pretraining_transforms, build_training_transforms,
+                                        build_validation_transforms, deep_supervision_scales, initial_patch_size)
+from training.data.dataset import PreprocessedCaseStore
+from training.data.loader import BatchLoader
+from training.data.sources import ImageBatchSource, MultiviewBatchSource, SegBatchSource
+
+
+def view_configuration(plans: Dict, view: str, configuration: str) -> Dict:
+    """The plans entry of one view and configuration, with a clear error when it is missing."""
+    try:
+        views = plans["views"]
+    except (KeyError, TypeError):
+        raise OrthoError("plans have no 'views' section", fix="rerun `ortho_plan_and_preprocess`") from None
+    if view not in views:
+        raise OrthoError(f"plans have no view '{view}' (views: {sorted(views)})",
+                         fix="check the view name or re-plan the dataset")
+    configs = views[view].get("configurations", {})
+    if configuration not in configs:
+        raise OrthoError(f"plans have no configuration '{configuration}' for view '{view}' "
+                         f"(available: {sorted(configs)})", fix="pick one of the available configurations")
+    return configs[configuration]
+
+
+def ds_scales_for(config: Dict) -> Optional[list]:
+    """Deep-supervision scales from the configuration's network strides (None without strides)."""
+    strides = ((config.get("network") or {}).get("kwargs") or {}).get("strides")
+    return deep_supervision_scales(strides) if strides else None
+
+
+def make_seg_loader(store: PreprocessedCaseStore, cases: Sequence[str], plans: Dict, view: str, configuration: str,
+                    train: bool = True, deep_supervision: bool = True, batch_size: Optional[int] = None,
+                    oversample_foreground: float = 0.33, ignore_label: Optional[int] = None, padding_label: int = 0,
+                    mirror_axes: Optional[Sequence[int]] = None, p_elastic: float = 0.0,
+                    is_anisotropic: Optional[bool] = None, num_workers: int = 0, seed: int = 12345,
+                    sequential: bool = False, timeout_s: float = 900.0, **loader_kwargs) -> BatchLoader:
+    """Segmentation patches of ``view``: nnU-Net's sampling and augmentation when ``train``, else random
+    foreground-oversampled patches without augmentation (online validation, as nnU-Net)."""
+    cfg = view_configuration(plans, view, configuration)
+    patch = [int(p) for p in cfg["patch_size"]]
+    ds = ds_scales_for(cfg) if deep_supervision else None
+    if train:
+        sample = initial_patch_size(patch, cfg["spacing"], is_anisotropic)
+        transforms = build_training_transforms(patch, cfg["spacing"], is_anisotropic, mirror_axes, ds, ignore_label,
+                                               padding_label, p_elastic)
+    else:
+        sample = patch
+        transforms = build_validation_transforms(None, ds, padding_label)
+    source = SegBatchSource(store, cases, view, batch_size or int(cfg["batch_size"]), patch, sample, transforms,
+                            oversample_foreground, ignore_label, sequential=sequential)
+    return BatchLoader(source, num_workers=num_workers, seed=seed, timeout_s=timeout_s, **loader_kwargs)
+
+
+def make_multiview_loader(store: PreprocessedCaseStore, cases: Sequence[str], plans: Dict, configuration: str,
+                          views: Sequence[str], segmentation_view: Optional[str] = None,
+                          diagnoses: Optional[Dict[str, np.ndarray]] = None, n_diagnoses: Optional[int] = None,
+                          keep_labels: Optional[Set[str]] = None, train: bool = True, deep_supervision: bool = True,
+                          batch_size: Optional[int] = None, oversample_foreground: float = 0.33, jitter: float = 0.1,
+                          ignore_label: Optional[int] = None, padding_label: int = 0,
+                          mirror_axes: Optional[Sequence[int]] = None, num_workers: int = 0, seed: int = 12345,
+                          sequential: Optional[bool] = None, timeout_s: float = 900.0, **loader_kwargs) -> BatchLoader:
+    """Multi-view batches (diagnosis / multitask). Batch size defaults to the smallest plan batch of the views.
+
+    Validation (``train=False``) uses deterministic centre crops and, by default, visits each case once in order.
+    """
+    all_views = list(views) + ([segmentation_view] if segmentation_view and segmentation_view not in views else [])
+    cfgs = {v: view_configuration(plans, v, configuration) for v in all_views}
+    patches = {v: [int(p) for p in cfgs[v]["patch_size"]] for v in all_views}
+    samples, transforms = {}, {}
+    for v in all_views:
+        ds = ds_scales_for(cfgs[v]) if (deep_supervision and v == segmentation_view) else None
+        if train:
+            samples[v] = initial_patch_size(patches[v], cfgs[v]["spacing"])
+            transforms[v] = build_training_transforms(patches[v], cfgs[v]["spacing"], None, mirror_axes, ds,
+                                                      ignore_label, padding_label)
+        else:
+            samples[v] = patches[v]
+            transforms[v] = build_validation_transforms(None, ds, padding_label)
+    bs = batch_size or min(int(cfgs[v]["batch_size"]) for v in all_views)
+    n_diag = n_diagnoses if n_diagnoses is not None else len(plans.get("diagnoses") or [])
+    source = MultiviewBatchSource(store, cases, all_views, segmentation_view, bs, patches, samples, transforms,
+                                  diagnoses, n_diag, keep_labels, oversample_foreground, jitter if train else 0.0,
+                                  ignore_label, sequential=(not train) if sequential is None else sequential,
+                                  center_crop=not train)
+    return BatchLoader(source, num_workers=num_workers, seed=seed, timeout_s=timeout_s, **loader_kwargs)
+
+
+def make_pretraining_loader(store: PreprocessedCaseStore, cases: Sequence[str], plans: Dict, view: str,
+                            configuration: str, batch_size: Optional[int] = None,
+                            mirror_axes: Optional[Sequence[int]] = None, intensity_jitter: float = 0.1,
+                            num_workers: int = 0, seed: int = 12345, timeout_s: float = 900.0, **loader_kwargs) -> BatchLoader:
+    """Random image patches of ``view`` from labelled and unlabeled cases with the light pretraining
+    augmentation (mirroring every axis by default, small intensity jitter)."""
+    cfg = view_configuration(plans, view, configuration)
+    patch = [int(p) for p in cfg["patch_size"]]
+    axes = tuple(range(len(patch))) if mirror_axes is None else tuple(mirror_axes)
+    source = ImageBatchSource(store, cases, view, batch_size or int(cfg["batch_size"]), patch,
+                              build_pretraining_transforms(axes, intensity_jitter))
+    return BatchLoader(source, num_workers=num_workers, seed=seed, timeout_s=timeout_s, **loader_kwargs)

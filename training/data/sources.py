@@ -1,0 +1,318 @@
+"""Batch sources: how one batch is made (which cases, which patches, which transforms).
+
+A source is a plain, picklable object with ``make_batch(index, rng, tracker) -> dict``; the loader
+(:mod:`training.data.loader`) runs it in-process or in worker processes. Three kinds:
+
+* :class:`SegBatchSource` — one view's patch + label map (segmentation training), foreground oversampling.
+* :class:`MultiviewBatchSource` — per case one patch per view (dict keyed by view, each view its own patch
+  size), the segmentation view with foreground oversampling and its labels when the case is labelled, the other
+  views centre crops with jitter; plus the diagnosis vector (NaN = unknown) and ``has_seg`` (diagnosis and
+  multitask training).
+* :class:`ImageBatchSource` — one view's image patches of labelled and unlabeled cases (diffusion pretraining).
+
+``index`` is the batch number: in ``sequential`` mode it selects the cases (validation: every case once, in
+order); in random mode cases are drawn with ``rng``. Every array read happens inside ``tracker.loading(case,
+view)`` so that a failure, or a worker killed mid-read, is reported with the case and view it was reading.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
+
+import numpy as np
+import torch
+
+from orthonet.errors import OrthoError
+from training.data.dataset import PreprocessedCaseStore
+from training.data.sampling import (center_bbox, foreground_bbox, need_to_pad, oversample_this_sample,
+                                    parse_class_locations, random_bbox)
+
+
+class LoadTracker:
+    """Remembers which case/view is being read. In a worker it mirrors that into shared memory, so the parent can
+    name the case even when the worker is killed by a signal."""
+
+    def __init__(self, shared=None):
+        self.case: Optional[str] = None
+        self.view: Optional[str] = None
+        self._shared = shared
+
+    @contextlib.contextmanager
+    def loading(self, case: str, view: Optional[str]) -> Iterator[None]:
+        self.case, self.view = case, view
+        if self._shared is not None:
+            self._shared.value = f"{case}\t{view or ''}".encode("utf-8", "replace")[:1000]
+        yield  # on an exception we deliberately keep case/view set: that is what the error report names
+        self.case, self.view = None, None
+        if self._shared is not None:
+            self._shared.value = b""
+
+
+def _collate(samples: List[Any]) -> Any:
+    """Stack per-sample tensors into a batch (lists, e.g. deep-supervision pyramids, element-wise)."""
+    first = samples[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(samples)
+    if isinstance(first, (list, tuple)):
+        return [torch.stack([s[i] for s in samples]) for i in range(len(first))]
+    raise TypeError(f"cannot collate {type(first).__name__}")
+
+
+def _fill_like(seg: Any, value: int) -> Any:
+    if isinstance(seg, (list, tuple)):
+        return [torch.full_like(s, value) for s in seg]
+    return torch.full_like(seg, value)
+
+
+class BatchSource:
+    """Base class: case selection (random or sequential) and the batch size."""
+
+    kind = "base"
+
+    def __init__(self, store: PreprocessedCaseStore, cases: Sequence[str], batch_size: int,
+                 sequential: bool = False):
+        if not cases:
+            raise OrthoError(f"no cases to load for this {self.kind} loader", store.folder,
+                             fix="check the split, the label fraction and that preprocessing finished")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1 (got {batch_size})")
+        self.store = store
+        self.cases = list(cases)
+        self.batch_size = int(batch_size)
+        self.sequential = sequential
+
+    def num_batches(self) -> Optional[int]:
+        """Batches per pass in sequential mode; None (infinite) in random mode."""
+        if not self.sequential:
+            return None
+        return (len(self.cases) + self.batch_size - 1) // self.batch_size
+
+    def cases_for(self, index: int, rng: np.random.Generator) -> List[str]:
+        if self.sequential:
+            return self.cases[index * self.batch_size:(index + 1) * self.batch_size]
+        return [self.cases[i] for i in rng.integers(0, len(self.cases), self.batch_size)]
+
+    def make_batch(self, index: int, rng: np.random.Generator, tracker: Optional[LoadTracker] = None
+                   ) -> Dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class SegBatchSource(BatchSource):
+    """Patches of one view with their label maps; the last third of each batch centred on foreground."""
+
+    kind = "seg"
+
+    def __init__(self, store: PreprocessedCaseStore, cases: Sequence[str], view: str, batch_size: int,
+                 patch_size: Sequence[int], sample_patch_size: Optional[Sequence[int]] = None, transforms=None,
+                 oversample_foreground: float = 0.33, ignore_label: Optional[int] = None,
+                 sequential: bool = False, center_crop: bool = False):
+        super().__init__(store, cases, batch_size, sequential)
+        missing = [c for c in self.cases if not store.has_seg(c, view)]
+        if missing:
+            raise OrthoError(f"{len(missing)} case(s) have no segmentation for view '{view}': "
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", store.folder,
+                             fix="segmentation training needs labelled cases; pass only labelled cases")
+        self.view = view
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.sample_patch_size = tuple(int(p) for p in (sample_patch_size or patch_size))
+        # a 2-D configuration samples (1, y, x) slabs of the 3-D volume and drops the slice axis (as nnU-Net)
+        self.is_2d = len(self.patch_size) == 2
+        if self.is_2d:
+            self.patch_size, self.sample_patch_size = (1, *self.patch_size), (1, *self.sample_patch_size)
+        self.pad = need_to_pad(self.sample_patch_size, self.patch_size)
+        self.transforms = transforms
+        self.oversample_foreground = float(oversample_foreground)
+        self.exclude = () if ignore_label is None else (int(ignore_label),)
+        self.center_crop = center_crop
+
+    def _bbox(self, arrays, j: int, rng: np.random.Generator):
+        shape = arrays.shape
+        if self.center_crop:
+            return center_bbox(shape, self.sample_patch_size)
+        if oversample_this_sample(j, self.batch_size, self.oversample_foreground, rng):
+            locs = parse_class_locations(arrays.properties, len(shape), exclude=self.exclude)
+            bbox = foreground_bbox(shape, self.sample_patch_size, self.pad, locs, rng)
+            if bbox is not None:
+                return bbox
+        return random_bbox(shape, self.sample_patch_size, self.pad, rng)
+
+    def make_batch(self, index, rng, tracker=None):
+        tracker = tracker or LoadTracker()
+        images, segs, keys = [], [], []
+        for j, case in enumerate(self.cases_for(index, rng)):
+            with tracker.loading(case, self.view):
+                arrays = self.store.open(case, self.view)
+                bbox = self._bbox(arrays, j, rng)
+                img = torch.from_numpy(arrays.crop_image(bbox))
+                seg = torch.from_numpy(arrays.crop_seg(bbox))
+                if self.is_2d:
+                    img, seg = img[:, 0], seg[:, 0]
+                if self.transforms is not None:
+                    out = self.transforms(image=img, segmentation=seg)
+                    img, seg = out["image"], out["segmentation"]
+            images.append(img)
+            segs.append(seg)
+            keys.append(case)
+        return {"data": torch.stack(images).float(), "target": _collate(segs), "keys": keys}
+
+
+class ImageBatchSource(BatchSource):
+    """Random image patches of one view (no labels): diffusion pretraining."""
+
+    kind = "images"
+
+    def __init__(self, store: PreprocessedCaseStore, cases: Sequence[str], view: str, batch_size: int,
+                 patch_size: Sequence[int], transforms=None, sequential: bool = False, center_crop: bool = False):
+        super().__init__(store, cases, batch_size, sequential)
+        self.view = view
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.is_2d = len(self.patch_size) == 2
+        if self.is_2d:
+            self.patch_size = (1, *self.patch_size)
+        self.transforms = transforms
+        self.center_crop = center_crop
+
+    def make_batch(self, index, rng, tracker=None):
+        tracker = tracker or LoadTracker()
+        images, keys = [], []
+        zero_pad = np.zeros(len(self.patch_size), dtype=int)
+        for case in self.cases_for(index, rng):
+            with tracker.loading(case, self.view):
+                arrays = self.store.open(case, self.view, with_seg=False)
+                bbox = center_bbox(arrays.shape, self.patch_size) if self.center_crop else \
+                    random_bbox(arrays.shape, self.patch_size, zero_pad, rng)
+                img = torch.from_numpy(arrays.crop_image(bbox))
+                if self.is_2d:
+                    img = img[:, 0]
+                if self.transforms is not None:
+                    img = self.transforms(image=img)["image"]
+            images.append(img)
+            keys.append(case)
+        return {"data": torch.stack(images).float(), "keys": keys}
+
+
+class MultiviewBatchSource(BatchSource):
+    """One patch per view and case, the diagnosis vector and the segmentation of the segmentation view.
+
+    ``patch_sizes``/``sample_patch_sizes``/``transforms`` are dicts keyed by view. ``diagnoses`` maps case ->
+    vector (NaN unknown); ``keep_labels`` (label fraction) restricts which cases keep their labels — the others
+    get NaN diagnoses and ``has_seg`` False. A case missing a view gets a zero patch and ``present[view]``
+    False, so the trainer can learn (and be tested) with missing views. ``center_crop`` makes every crop the
+    deterministic centre crop (validation).
+    """
+
+    kind = "multiview"
+
+    def __init__(self, store: PreprocessedCaseStore, cases: Sequence[str], views: Sequence[str],
+                 segmentation_view: Optional[str], batch_size: int, patch_sizes: Dict[str, Sequence[int]],
+                 sample_patch_sizes: Optional[Dict[str, Sequence[int]]] = None,
+                 transforms: Optional[Dict[str, Any]] = None, diagnoses: Optional[Dict[str, np.ndarray]] = None,
+                 n_diagnoses: int = 0, keep_labels: Optional[Set[str]] = None, oversample_foreground: float = 0.33,
+                 jitter: float = 0.1, ignore_label: Optional[int] = None, sequential: bool = False,
+                 center_crop: bool = False):
+        super().__init__(store, cases, batch_size, sequential)
+        self.views = list(views)
+        if segmentation_view is not None and segmentation_view not in self.views:
+            self.views.append(segmentation_view)
+        self.seg_view = segmentation_view
+        self.patch_sizes = {v: tuple(int(p) for p in patch_sizes[v]) for v in self.views}
+        if any(len(p) != 3 for p in self.patch_sizes.values()):
+            raise OrthoError("multi-view loading needs 3-D patch sizes for every view (use a 3-D configuration)")
+        sample = sample_patch_sizes or {}
+        self.sample_patch_sizes = {v: tuple(int(p) for p in sample.get(v, self.patch_sizes[v])) for v in self.views}
+        self.transforms = transforms or {}
+        self.diagnoses = diagnoses or {}
+        if self.diagnoses and not n_diagnoses:
+            n_diagnoses = len(np.atleast_1d(next(iter(self.diagnoses.values()))))
+        self.n_diagnoses = int(n_diagnoses)
+        self.keep_labels = None if keep_labels is None else set(keep_labels)
+        self.oversample_foreground = float(oversample_foreground)
+        self.jitter = float(jitter)
+        self.exclude = () if ignore_label is None else (int(ignore_label),)
+        self.center_crop = center_crop
+        self._channels: Dict[str, int] = {}
+
+    def _labels_kept(self, case: str) -> bool:
+        return self.keep_labels is None or case in self.keep_labels
+
+    def _num_channels(self, view: str) -> int:
+        if view not in self._channels:
+            for c in self.store.cases(views=[view]):
+                self._channels[view] = int(self.store.open(c, view, with_seg=False).data.shape[0])
+                break
+            else:
+                raise OrthoError(f"no case has view '{view}' in the preprocessed data", self.store.folder)
+        return self._channels[view]
+
+    def _view_sample(self, case: str, view: str, j: int, rng: np.random.Generator, tracker: LoadTracker):
+        final, sample = self.patch_sizes[view], self.sample_patch_sizes[view]
+        is_seg_view = view == self.seg_view
+        if not self.store.has_view(case, view):
+            # a zero patch pushed through the same transforms, so shapes (and deep-supervision lists) match
+            img = torch.zeros((self._num_channels(view), *sample), dtype=torch.float32)
+            seg = torch.zeros((1, *sample), dtype=torch.int16) if is_seg_view else None
+            t = self.transforms.get(view)
+            if t is not None:
+                out = t(image=img, segmentation=seg) if seg is not None else t(image=img)
+                img, seg = out["image"], out.get("segmentation")
+            return torch.zeros_like(img), (_fill_like(seg, -1) if seg is not None else None), False, False
+        with tracker.loading(case, view):
+            use_seg = is_seg_view and self._labels_kept(case) and self.store.has_seg(case, view)
+            arrays = self.store.open(case, view, with_seg=use_seg)
+            shape = arrays.shape
+            bbox = None
+            if self.center_crop:
+                bbox = center_bbox(shape, sample)
+            elif is_seg_view:
+                pad = need_to_pad(sample, final)
+                if use_seg and oversample_this_sample(j, self.batch_size, self.oversample_foreground, rng):
+                    locs = parse_class_locations(arrays.properties, len(shape), exclude=self.exclude)
+                    bbox = foreground_bbox(shape, sample, pad, locs, rng)
+                if bbox is None:
+                    bbox = random_bbox(shape, sample, pad, rng)
+            else:
+                bbox = center_bbox(shape, sample, self.jitter, rng) if self.jitter > 0 else center_bbox(shape, sample)
+            img = torch.from_numpy(arrays.crop_image(bbox))
+            seg = None
+            if is_seg_view:
+                # unlabelled: push a dummy map through the transforms to get the right shapes, then mark all -1
+                seg = torch.from_numpy(arrays.crop_seg(bbox)) if use_seg else \
+                    torch.zeros((1, *img.shape[1:]), dtype=torch.int16)
+            t = self.transforms.get(view)
+            if t is not None:
+                out = t(image=img, segmentation=seg) if seg is not None else t(image=img)
+                img, seg = out["image"], out.get("segmentation")
+            if is_seg_view and not use_seg:
+                seg = _fill_like(seg, -1)
+        return img, seg, True, use_seg
+
+    def make_batch(self, index, rng, tracker=None):
+        tracker = tracker or LoadTracker()
+        cases = self.cases_for(index, rng)
+        data: Dict[str, List[torch.Tensor]] = {v: [] for v in self.views}
+        present: Dict[str, List[bool]] = {v: [] for v in self.views}
+        segs, has_seg, diag = [], [], []
+        for j, case in enumerate(cases):
+            case_has_seg = False
+            for view in self.views:
+                img, seg, ok, used = self._view_sample(case, view, j, rng, tracker)
+                data[view].append(img)
+                present[view].append(ok)
+                if view == self.seg_view:
+                    segs.append(seg)
+                    case_has_seg = used
+            has_seg.append(case_has_seg)
+            vec = np.full(self.n_diagnoses, np.nan, dtype=np.float32)
+            if self._labels_kept(case) and case in self.diagnoses:
+                vec[:] = np.asarray(self.diagnoses[case], dtype=np.float32)
+            diag.append(torch.from_numpy(vec))
+        batch: Dict[str, Any] = {
+            "data": {v: torch.stack(data[v]).float() for v in self.views},
+            "present": {v: torch.tensor(present[v], dtype=torch.bool) for v in self.views},
+            "diagnosis": torch.stack(diag) if diag else torch.zeros((0, self.n_diagnoses)),
+            "has_seg": torch.tensor(has_seg, dtype=torch.bool),
+            "keys": list(cases),
+        }
+        if self.seg_view is not None:
+            batch["target"] = _collate(segs)
+        return batch

@@ -1,0 +1,162 @@
+"""DistributedDataParallel plumbing for ``torchrun --nproc_per_node N``.
+
+Why: the same training command must run unchanged on one CPU, one GPU or N GPUs. Outside torchrun every helper
+is a no-op (world size 1, rank 0), so trainers call them unconditionally.
+
+Batch and learning-rate rule (orthonet's choice, documented in docs/training.md):
+
+* Each rank draws the plan's batch size, so the **effective batch = per-rank batch x world size**. Each rank's data
+  loader gets its own seed (:func:`rank_seed`), so ranks see different patches.
+* The learning rate is scaled with :func:`scale_lr`: ``sqrt`` (default; square-root rule, appropriate for Adam/
+  AdamW as in diffusion pretraining) or ``linear`` (Goyal et al., for SGD), always relative to the single-process
+  run. ``none`` keeps it unchanged (what nnU-Net does, which instead splits one global batch across GPUs).
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: Optional[str]
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def init_distributed(device: Optional[str] = None, backend: Optional[str] = None, timeout_s: int = 1800
+                     ) -> DistInfo:
+    """Join the process group described by torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    NCCL is used on CUDA, gloo on CPU. Without those variables (or with WORLD_SIZE=1) nothing is initialised and
+    rank 0 of 1 is returned. ``device`` ('cuda'/'cpu'/None=auto) picks the device; on CUDA each rank uses
+    ``cuda:LOCAL_RANK``.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank if world > 1 else torch.cuda.current_device())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    if world <= 1:
+        return DistInfo(0, 0, 1, dev, None)
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), dev, backend)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 writes checkpoints, logs and plots; the other ranks only train."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over ranks (a new tensor; the input is unchanged). Identity outside DDP."""
+    if not is_distributed():
+        return tensor.clone()
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / world_size()
+
+
+def all_gather_objects(obj) -> List:
+    """Gather one picklable object per rank (e.g. validation predictions); ``[obj]`` outside DDP."""
+    if not is_distributed():
+        return [obj]
+    out: List = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class _AllGatherGrad(torch.autograd.Function):
+    """all_gather that lets gradients flow back to each rank's own slice (batch Dice across ranks)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        gathered = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.stack(gathered)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad = grad_output.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[dist.get_rank()]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Stack of ``tensor`` from every rank (world, ...); ``tensor[None]`` outside DDP."""
+    if not is_distributed():
+        return tensor[None]
+    return _AllGatherGrad.apply(tensor)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+    """Move ``model`` to ``device`` and wrap it in DistributedDataParallel when running distributed."""
+    model = model.to(device)
+    if not is_distributed():
+        return model
+    if device.type == "cuda":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index], output_device=device.index,
+                                                   find_unused_parameters=find_unused_parameters)
+    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
+
+
+def cleanup() -> None:
+    """Leave the process group (call once at the end of training, also after errors)."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def rank_seed(seed: int) -> int:
+    """A different, deterministic seed per rank (data loading, augmentation)."""
+    return int(seed) + 1_000_003 * rank()
+
+
+def scale_lr(base_lr: float, world: Optional[int] = None, rule: str = "sqrt") -> float:
+    """Scale a single-process learning rate to ``world`` ranks: 'sqrt', 'linear' or 'none'."""
+    n = world_size() if world is None else int(world)
+    if rule == "none" or n <= 1:
+        return float(base_lr)
+    if rule == "sqrt":
+        return float(base_lr) * math.sqrt(n)
+    if rule == "linear":
+        return float(base_lr) * n
+    raise ValueError(f"unknown LR scaling rule {rule!r} (sqrt, linear, none)")

@@ -1,0 +1,82 @@
+"""Which model a task needs, built from plans.json alone, and the description that rebuilds it at inference.
+
+Why a separate description (:class:`ModelConfig`): a checkpoint stores weights; the predictor must rebuild the very
+same module without re-running the trainer's logic. The description is plain JSON, saved next to the weights, and
+:func:`build_model` is the one function both sides call.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from torch import nn
+
+from orthonet.errors import OrthoError
+from orthonet.networks import MultiTaskModel, MultiViewDiagnosisModel, SegmentationModel
+from orthonet.networks.build import conv_dim, network_spec
+
+TASKS = ("seg", "diag", "multitask")
+
+
+@dataclass
+class ModelConfig:
+    """Everything :func:`build_model` needs besides the plans."""
+
+    task: str
+    configuration: str
+    views: List[str]
+    segmentation_view: Optional[str]
+    channels_by_view: Dict[str, int]
+    num_classes: int = 0
+    n_diagnoses: int = 0
+    deep_supervision: bool = True
+    fusion: str = "concat"
+    levels: Optional[List[int]] = None
+    fuse_views: bool = False
+    head_kwargs: Dict = field(default_factory=dict)
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "ModelConfig":
+        return cls(**d)
+
+
+def views_for(plans: Dict, configuration: str, task: str) -> List[str]:
+    """Views the task's model uses: the segmentation view alone for ``seg`` (unless fusing views), every view that
+    has the configuration otherwise. Multi-view tasks need a 3D configuration."""
+    views = [v for v, p in plans["views"].items() if configuration in p.get("configurations", {})]
+    if not views:
+        raise OrthoError(f"configuration '{configuration}' is not planned for any view",
+                         fix="pick a planned configuration (see plans.json) or rerun ortho_plan_and_preprocess -c")
+    if task != "seg":
+        flat = [v for v in views if conv_dim(network_spec(plans, v, configuration)) != 3]
+        if flat:
+            raise OrthoError(f"the diagnosis and multitask models need a 3D configuration; '{configuration}' is 2D "
+                             f"for views {flat}", fix="use --task seg with 2d, or train 3d_fullres for diagnosis")
+    return views
+
+
+def build_model(plans: Dict, cfg: ModelConfig) -> nn.Module:
+    """The task model of ``cfg`` with every encoder built from the plans' network entry of its view."""
+    if cfg.task not in TASKS:
+        raise OrthoError(f"unknown task '{cfg.task}'", fix=f"use one of {', '.join(TASKS)}")
+    specs = {v: network_spec(plans, v, cfg.configuration) for v in cfg.views}
+    if cfg.task == "seg":
+        return SegmentationModel(specs, cfg.channels_by_view, cfg.segmentation_view, cfg.num_classes,
+                                 deep_supervision=cfg.deep_supervision, fuse_views=cfg.fuse_views)
+    if cfg.task == "diag":
+        return MultiViewDiagnosisModel(specs, cfg.channels_by_view, cfg.n_diagnoses, fusion=cfg.fusion,
+                                       levels=cfg.levels, **cfg.head_kwargs)
+    return MultiTaskModel(specs, cfg.channels_by_view, cfg.segmentation_view, cfg.num_classes, cfg.n_diagnoses,
+                          deep_supervision=cfg.deep_supervision, fusion=cfg.fusion, levels=cfg.levels,
+                          fuse_views=cfg.fuse_views, **cfg.head_kwargs)
+
+
+def has_segmentation(cfg: ModelConfig) -> bool:
+    return cfg.task in ("seg", "multitask")
+
+
+def has_diagnosis(cfg: ModelConfig) -> bool:
+    return cfg.task in ("diag", "multitask")

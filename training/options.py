@@ -1,0 +1,72 @@
+"""What one ``ortho_train`` run was asked to do, and where its results go.
+
+Why a dataclass: the command line, the Python API and tests all describe a run the same way, and the result folder
+name is derived from it in one place (so prediction finds what training wrote).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+from orthonet.errors import OrthoError
+from orthonet.paths import results_root
+
+DEFAULT_PLANS = "orthoPlans"
+
+
+@dataclass
+class TrainOptions:
+    dataset_name: str
+    configuration: str
+    fold: Union[int, str]
+    task: Optional[str] = None                 # None: what the dataset has labels for
+    pretrained: str = "auto"                   # auto | none | PATH
+    label_fraction: float = 1.0
+    epochs: Optional[int] = None
+    iterations_per_epoch: Optional[int] = None
+    val_iterations: Optional[int] = None
+    continue_training: bool = False
+    validation_only: bool = False
+    device: Optional[str] = None
+    num_workers: Optional[int] = None
+    plans_name: str = DEFAULT_PLANS
+    seed: int = 12345
+    fuse_views: bool = False
+    fusion: str = "concat"
+    final_validation: bool = True
+
+    def __post_init__(self) -> None:
+        if str(self.fold) != "all":
+            try:
+                self.fold = int(self.fold)
+            except ValueError:
+                raise OrthoError(f"fold must be 0-4 or 'all', got '{self.fold}'") from None
+            if not 0 <= self.fold <= 4:
+                raise OrthoError(f"fold must be 0-4 or 'all', got {self.fold}")
+        if not 0.0 < float(self.label_fraction) <= 1.0:
+            raise OrthoError(f"--label-fraction must be in (0, 1], got {self.label_fraction}")
+        self.label_fraction = float(self.label_fraction)
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def model_folder_name(trainer: str, plans_name: str, configuration: str, label_fraction: float = 1.0,
+                      pretrained: str = "auto") -> str:
+    """``{Trainer}__{plans}__{config}``, with ``__lf{F}`` for label fractions and ``__scratch`` for
+    ``--pretrained none``, so the runs a label-efficiency study compares never overwrite each other."""
+    name = f"{trainer}__{plans_name}__{configuration}"
+    if label_fraction < 1.0:
+        name += f"__lf{label_fraction:g}"
+    if pretrained == "none":
+        name += "__scratch"
+    return name
+
+
+def model_dir(dataset_name: str, folder_name: str) -> Path:
+    return results_root() / dataset_name / folder_name
+
+
+def fold_dir_name(fold: Union[int, str]) -> str:
+    return f"fold_{fold}"

@@ -1,0 +1,98 @@
+"""Multi-label diagnosis from all views: per-view encoders, pooled features fused across views.
+
+Loss: masked BCE on the fused logits (unknown labels excluded, positives weighted by training prevalence) plus an
+auxiliary BCE on each view's own logits, so every view alone stays predictive and a missing view at inference
+degrades the answer instead of breaking it.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Set, Tuple
+
+import numpy as np
+import torch
+
+from training import distributed as dist
+from training.data.factory import make_multiview_loader
+from training.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
+from training.online_eval import DiagnosisCollector
+from training.runtime import autocast
+from training.trainers.base import BaseTrainer
+
+
+class DiagTrainer(BaseTrainer):
+    """Diagnosis only (no decoder). AdamW with poly decay: the freshly initialised fusion head trains poorly with
+    nnU-Net's SGD at 1e-2, while pretrained encoders still get their lower warm-up LR."""
+
+    task = "diag"
+    initial_lr: float = 3e-4
+    weight_decay: float = 1e-2
+    aux_view_weight: float = 0.5
+    diagnosis_jitter: float = 0.1
+    grad_clip: float = 5.0
+
+    def select_training_cases(self, train: Sequence[str], seg_labelled: Set[str]) -> List[str]:
+        return [c for c in train if c in self.keep_labels and c in self.diagnoses
+                and not np.all(np.isnan(self.diagnoses[c]))]
+
+    def select_validation_cases(self, val: Sequence[str], seg_labelled: Set[str]) -> List[str]:
+        return [c for c in val if c in self.diagnoses and not np.all(np.isnan(self.diagnoses[c]))]
+
+    def build_optimizer(self, model, pretrained_names):
+        from training.schedules import WarmupPolyLRScheduler, split_param_groups
+        groups = split_param_groups(model, pretrained_names)
+        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, weight_decay=self.weight_decay)
+        warmup = max(1, int(round(self.warmup_fraction * self.total_steps()))) if pretrained_names else 0
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.total_steps(), warmup,
+                                                self.pretrained_lr_multiplier)
+
+    def diagnosis_loss(self) -> MaskedBCEWithLogitsLoss:
+        labels = np.stack([self.diagnoses[c] for c in self.train_cases]) if self.train_cases else None
+        return MaskedBCEWithLogitsLoss(None if labels is None else compute_pos_weight(labels))
+
+    def multiview_loader(self, cases, train: bool, seed: int):
+        seg_view = self.segmentation_view if self.task == "multitask" else None
+        return make_multiview_loader(self.store, cases, self.plans, self.opts.configuration, self.model_cfg.views,
+                                     segmentation_view=seg_view, diagnoses=self.diagnoses,
+                                     n_diagnoses=len(self.spec.diagnoses), keep_labels=self.keep_labels if train
+                                     else None, train=train, deep_supervision=self.deep_supervision,
+                                     oversample_foreground=self.oversample_foreground, jitter=self.diagnosis_jitter,
+                                     ignore_label=self.spec.ignore_label,
+                                     num_workers=self.num_workers if train else 0, seed=seed)
+
+    def build_train_loader(self):
+        self.bce = self.diagnosis_loss().to(self.device)
+        return self.multiview_loader(self.train_cases, True, self.opts.seed + 1000 * self.epoch + dist.rank())
+
+    def forward(self, batch: Dict):
+        return self.network(batch["data"], batch["present"])
+
+    def diagnosis_terms(self, batch: Dict, outputs: Dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        target = batch["diagnosis"]
+        fused = self.bce(outputs["logits"], target)
+        aux = []
+        for view, logits in outputs["view_logits"].items():
+            present = batch["present"][view]
+            if present.any():
+                aux.append(self.bce(logits[present], target[present]))
+        aux_loss = torch.stack(aux).mean() if aux else fused * 0.0
+        return fused + self.aux_view_weight * aux_loss, {"bce": float(fused.detach()), "aux_bce": float(aux_loss.detach())}
+
+    def compute_loss(self, batch: Dict, outputs) -> Tuple[torch.Tensor, Dict[str, float]]:
+        return self.diagnosis_terms(batch, outputs)
+
+    def online_validation(self) -> Dict:
+        collector = DiagnosisCollector(self.spec.diagnoses)
+        losses = []
+        loader = self.multiview_loader(self.val_cases, False, self.opts.seed + 7)
+        with torch.no_grad():
+            for batch in loader:
+                batch = self.to_device(batch)
+                with autocast(self.device):
+                    out = self.model(batch["data"], batch["present"])
+                losses.append(float(self.bce(out["logits"], batch["diagnosis"])))
+                collector.add(out["logits"], batch["diagnosis"], batch["keys"])
+        auc = collector.auc()
+        macro = collector.macro_auc()
+        val_loss = float(np.mean(losses)) if losses else float("nan")
+        score = macro if np.isfinite(macro) else -val_loss
+        return {"val_loss": val_loss, "auc": auc, "macro_auc": macro, "score": score}
