@@ -85,14 +85,60 @@ def _segment_fn(model: nn.Module, device: torch.device):
     return predict
 
 
+def _fused_segment_fn(loaded: LoadedModel, context: Mapping[str, ArrayLike],
+                      properties_by_view: Mapping[str, Dict]):
+    """Tile predictor for ``--fuse-views`` models: each tile gets the other views' crops centred on the same
+    physical point and every crop's affine, exactly as the aligned training loader builds them."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+    from orthonet.networks.cross_view import patch_affine, preprocessed_index_to_physical
+    from training.data.sampling import aligned_bbox, patch_center_physical
+    cfg = loaded.config
+    seg_view = cfg.segmentation_view
+    arrays = {v: np.asarray(d) for v, d in context.items() if v in cfg.views and v != seg_view}
+    affine = {v: preprocessed_index_to_physical(properties_by_view[v]) for v in [seg_view, *arrays]}
+    patch = loaded.patch_size(seg_view)
+
+    def predict(x: torch.Tensor, offsets) -> torch.Tensor:
+        inputs = {seg_view: x.to(loaded.device)}
+        affines = {seg_view: [], **{v: [] for v in arrays}}
+        crops = {v: [] for v in arrays}
+        for off in offsets:
+            bbox = [[int(o), int(o) + p] for o, p in zip(off, patch)]
+            affines[seg_view].append(patch_affine(affine[seg_view], off))
+            center = patch_center_physical(affine[seg_view], bbox)
+            for v, arr in arrays.items():
+                vb = aligned_bbox(affine[v], center, loaded.patch_size(v))
+                crops[v].append(torch.from_numpy(np.asarray(crop_and_pad_nd(arr, vb, 0), dtype=np.float32)))
+                affines[v].append(patch_affine(affine[v], [b[0] for b in vb]))
+        for v in arrays:
+            inputs[v] = torch.stack(crops[v]).to(loaded.device)
+        aff = {v: torch.from_numpy(np.stack(a)).to(loaded.device) for v, a in affines.items()}
+        with torch.no_grad(), autocast(loaded.device):
+            out = loaded.model.segment(inputs, affines=aff)
+        return (out[0] if isinstance(out, (list, tuple)) else out).float()
+    return predict
+
+
 def segmentation_logits(loaded: LoadedModel, data: ArrayLike, mirror_axes: Sequence[int] = (0, 1, 2),
-                        step_size: float = 0.5, progress: bool = False) -> torch.Tensor:
+                        step_size: float = 0.5, progress: bool = False,
+                        context: Optional[Mapping[str, ArrayLike]] = None,
+                        properties_by_view: Optional[Mapping[str, Dict]] = None) -> torch.Tensor:
     """Sliding-window (Gaussian-weighted, step 0.5) logits (K, *shape) of the segmentation view's preprocessed
-    image (C, *shape), averaged over mirrorings."""
+    image (C, *shape), averaged over mirrorings.
+
+    ``--fuse-views`` models also need the other views' preprocessed arrays (``context``) and every view's
+    preprocessing properties; mirroring is not applied to them (a flip would break the physical alignment).
+    """
     cfg = loaded.config
     view = cfg.segmentation_view
     patch = loaded.patch_size(view)
     image = _as_tensor(data).float()
+    if cfg.fuse_views:
+        if context is None or properties_by_view is None:
+            raise OrthoError("this model fuses views: segmentation needs the other views and their properties")
+        fn = _fused_segment_fn(loaded, context, properties_by_view)
+        return sliding_window_predict(fn, image, patch, cfg.num_classes, step_size=step_size,
+                                      device=loaded.device, progress=progress, pass_offsets=True)
     axes = [a for a in mirror_axes if a < len(patch)]
     fn = make_tta_predictor(_segment_fn(loaded.model, loaded.device), axes)
     return sliding_window_predict(fn, image, patch, cfg.num_classes, step_size=step_size, device=loaded.device,
@@ -141,7 +187,8 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 def predict_preprocessed_case(models: Sequence[LoadedModel], data_by_view: Mapping[str, ArrayLike],
                               mirror_axes: Sequence[int] = (0, 1, 2), step_size: float = 0.5,
-                              progress: bool = False) -> Dict:
+                              progress: bool = False, properties_by_view: Optional[Mapping[str, Dict]] = None
+                              ) -> Dict:
     """Ensemble prediction of one preprocessed case over ``models`` (e.g. folds).
 
     Returns ``{'seg_probabilities': (K, *shape) tensor or None, 'diag_probabilities': (n_models, D) array or None}``;
@@ -152,8 +199,9 @@ def predict_preprocessed_case(models: Sequence[LoadedModel], data_by_view: Mappi
     seg_view = models[0].config.segmentation_view
     for m in models:
         if has_segmentation(m.config) and seg_view in data_by_view:
-            probs = torch.softmax(segmentation_logits(m, data_by_view[seg_view], mirror_axes, step_size, progress),
-                                  0)
+            logits = segmentation_logits(m, data_by_view[seg_view], mirror_axes, step_size, progress,
+                                         context=data_by_view, properties_by_view=properties_by_view)
+            probs = torch.softmax(logits, 0)
             seg_sum = probs if seg_sum is None else seg_sum + probs
         if has_diagnosis(m.config):
             diag.append(sigmoid(diagnosis_logits(m, data_by_view, mirror_axes)))

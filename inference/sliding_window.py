@@ -95,14 +95,15 @@ def _allocate(num_classes: int, shape: Sequence[int], device: torch.device
 def sliding_window_predict(predict_patch: PredictFn, image: torch.Tensor, patch_size: Sequence[int],
                            num_classes: int, step_size: float = 0.5, use_gaussian: bool = True,
                            device: DeviceLike = None, batch_size: int = 1, progress: bool = False,
-                           sigma_scale: float = 1.0 / 8) -> torch.Tensor:
+                           sigma_scale: float = 1.0 / 8, pass_offsets: bool = False) -> torch.Tensor:
     """Predict a whole image tile by tile and return the weighted average of the tiles' outputs, (K, *shape).
 
     ``image`` is (C, *shape) with 2 or 3 spatial axes. ``predict_patch`` maps a (B, C, *patch) tensor to
     (B, K, *patch) logits or probabilities (whatever it returns is averaged). A 2D ``patch_size`` on a 3D image
     predicts slice by slice along axis 0 (nnU-Net's 2d configuration): the callable then sees (B, C, y, x).
     Images smaller than the patch are padded with zeros and the result is cropped back. The output is float32
-    on the CPU.
+    on the CPU. With ``pass_offsets`` the callable is ``predict_patch(x, offsets)`` where ``offsets`` gives each
+    tile's first voxel in the (unpadded) image, so it can locate the tile in physical space (``--fuse-views``).
     """
     if image.ndim not in (3, 4):
         raise ValueError(f"image must be (C, y, x) or (C, z, y, x), got shape {tuple(image.shape)}")
@@ -134,7 +135,12 @@ def sliding_window_predict(predict_patch: PredictFn, image: torch.Tensor, patch_
         x = torch.stack([padded[(slice(None),) + sl] for sl in batch]).to(device, non_blocking=True)
         if squeeze_axis is not None:
             x = x.squeeze(squeeze_axis)
-        y = predict_patch(x)
+        if pass_offsets:
+            pad_lo = [sl.start for sl in slicer[1:]]
+            offsets = [tuple(t.start - p for t, p in zip(sl, pad_lo)) for sl in batch]
+            y = predict_patch(x, offsets)
+        else:
+            y = predict_patch(x)
         if squeeze_axis is not None:
             y = y.unsqueeze(squeeze_axis)
         if y.shape[0] != len(batch) or y.shape[1] != num_classes or tuple(y.shape[2:]) != tuple(patch):

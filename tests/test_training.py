@@ -230,3 +230,40 @@ def test_resume_after_kill(multiview):
     assert epochs == [0, 1, 2, 3]
     ckpt = torch.load(out / "checkpoint_final.pt", weights_only=True)
     assert ckpt["step"] == 4 * 3
+
+
+def test_fuse_views_segmentation(multiview):
+    """--fuse-views: other views' crops are centred on the segmentation patch in physical space, the cross-view
+    bottleneck is trained, and full-volume validation predicts through the same path."""
+    from training.trainers import SegTrainer
+    trainer = SegTrainer(_options(multiview, task="seg", fuse_views=True, epochs=1, iterations_per_epoch=2))
+    trainer.setup()
+    assert trainer.model.cross_view is not None and set(trainer.model_cfg.views) == {"sagittal", "coronal", "axial"}
+    batch = next(trainer._seg_loader(trainer.train_cases, True, 0))
+    for view in ("coronal", "axial"):
+        patch = batch["context"][view].shape[2:]
+        for b in range(batch["data"].shape[0]):
+            centre = lambda a, shape: (a.numpy() @ np.array([(s - 1) / 2 for s in shape] + [1.0]))[:3]
+            seg_c = centre(batch["affines"]["sagittal"][b], batch["data"].shape[2:])
+            other_c = centre(batch["affines"][view][b], patch)
+            assert np.linalg.norm(seg_c - other_c) < 4.0, (view, seg_c, other_c)   # within one voxel (3-6 mm)
+    before = trainer.model.cross_view.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    summary = trainer.run()
+    after = trainer.model.cross_view.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert np.isfinite(summary["segmentation"]["mean_dice"])
+
+
+def test_ddp_two_processes_on_cpu(multiview):
+    """ortho_train runs unchanged under torchrun (gloo on CPU): both ranks train, rank 0 writes the results."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
+           "-m", "training.cli", multiview, "3d_fullres", "2", "--task", "seg", "--epochs", "1",
+           "--iterations-per-epoch", "2", "--val-iterations", "1", "--num-workers", "0", "--device", "cpu",
+           "--no-final-validation"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = Path(os.environ["ORTHO_results"]) / multiview / "SegTrainer__orthoPlans__3d_fullres" / "fold_2"
+    assert (out / "checkpoint_final.pt").is_file()
+    assert json.loads((out / "run_config.json").read_text())["world_size"] == 2

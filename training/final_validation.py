@@ -48,16 +48,16 @@ def run_final_validation(trainer: "BaseTrainer") -> Dict:
     for case in tqdm(trainer.val_cases, desc="final validation", disable=not trainer.is_main):
         data = {v: trainer.store.open(case, v, with_seg=False).data[:] for v in cfg.views
                 if trainer.store.has_view(case, v)}
-        result = predict_preprocessed_case([loaded], data)
+        props = {v: trainer.store.properties(case, v) for v in data}
+        result = predict_preprocessed_case([loaded], data, properties_by_view=props)
         if has_segmentation(cfg) and result["seg_probabilities"] is not None:
             arrays = trainer.store.open(case, cfg.segmentation_view, with_seg=True)
-            props = arrays.properties
-            image = probabilities_to_image(result["seg_probabilities"].numpy(), props)
+            image = probabilities_to_image(result["seg_probabilities"].numpy(), arrays.properties)
             write_image(image, out_dir / f"{case}_{cfg.segmentation_view}.nii.gz")
             if arrays.seg is not None:
                 import SimpleITK as sitk
                 pred = sitk.GetArrayFromImage(image)
-                ref = _reference_label(trainer, case, props, arrays.seg[:])
+                ref = _reference_label(trainer, case, arrays.properties, arrays.seg[:])
                 dice = dice_per_class(pred, ref, labels, ignore=trainer.spec.ignore_label)
                 per_case_dice[case] = {n: (None if not np.isfinite(dice[lab]) else float(dice[lab]))
                                        for n, lab in zip(class_names[1:], labels)}

@@ -286,3 +286,10 @@ def build_pretraining_transforms(mirror_axes: Optional[Sequence[int]] = (0, 1, 2
             contrast_range=(lo, hi), preserve_range=True, synchronize_channels=False, p_per_channel=1),
             apply_probability=0.5))
     return ComposeTransforms(transforms)
+
+
+def build_intensity_only_transforms(deep_supervision_scales: Optional[Sequence] = None, padding_label: int = 0
+                                    ) -> ComposeTransforms:
+    """nnU-Net's intensity augmentation without any spatial transform or mirroring, for ``--fuse-views`` where
+    the segmentation patch must stay aligned with the other views' crops in physical space."""
+    return ComposeTransforms(_intensity_transforms(None) + _label_tail(deep_supervision_scales, padding_label))

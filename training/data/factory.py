@@ -110,3 +110,29 @@ def make_pretraining_loader(store: PreprocessedCaseStore, cases: Sequence[str], 
     source = ImageBatchSource(store, cases, view, batch_size or int(cfg["batch_size"]), patch,
                               build_pretraining_transforms(axes, intensity_jitter))
     return BatchLoader(source, num_workers=num_workers, seed=seed, timeout_s=timeout_s, **loader_kwargs)
+
+
+def make_aligned_views_loader(store: PreprocessedCaseStore, cases: Sequence[str], plans: Dict, configuration: str,
+                              segmentation_view: str, other_views: Sequence[str], train: bool = True,
+                              deep_supervision: bool = True, batch_size: Optional[int] = None,
+                              oversample_foreground: float = 0.33, ignore_label: Optional[int] = None,
+                              padding_label: int = 0, num_workers: int = 0, seed: int = 12345,
+                              timeout_s: float = 900.0) -> BatchLoader:
+    """Segmentation patches plus physically aligned crops of the other views (``--fuse-views``).
+
+    Training uses intensity augmentation only (spatial transforms would break the alignment); validation uses
+    foreground-oversampled patches without augmentation, as :func:`make_seg_loader`.
+    """
+    from training.data.augmentation import build_intensity_only_transforms
+    from training.data.sources import AlignedViewsBatchSource
+    cfg = view_configuration(plans, segmentation_view, configuration)
+    patch = [int(p) for p in cfg["patch_size"]]
+    others = {v: [int(p) for p in view_configuration(plans, v, configuration)["patch_size"]]
+              for v in other_views if v != segmentation_view}
+    ds = ds_scales_for(cfg) if deep_supervision else None
+    transforms = build_intensity_only_transforms(ds, padding_label) if train else \
+        build_validation_transforms(None, ds, padding_label)
+    source = AlignedViewsBatchSource(store, cases, segmentation_view, list(others), batch_size or
+                                     int(cfg["batch_size"]), patch, others, transforms, oversample_foreground,
+                                     ignore_label)
+    return BatchLoader(source, num_workers=num_workers, seed=seed, timeout_s=timeout_s)

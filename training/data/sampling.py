@@ -117,3 +117,20 @@ def oversample_this_sample(sample_index: int, batch_size: int, fraction: float,
     if rng is None:
         raise ValueError("probabilistic oversampling needs an rng")
     return bool(rng.random() < fraction)
+
+
+def patch_center_physical(array_affine: np.ndarray, bbox: Bbox) -> np.ndarray:
+    """Physical position (x, y, z) of the centre of ``bbox`` in an array whose index->physical affine is given."""
+    center = [(b[0] + b[1] - 1) / 2.0 for b in bbox]
+    return (np.asarray(array_affine, dtype=np.float64) @ np.array(center + [1.0]))[:3]
+
+
+def aligned_bbox(array_affine: np.ndarray, center_physical: Sequence[float], patch_size: Sequence[int]) -> Bbox:
+    """The ``patch_size`` box of an array (index->physical ``array_affine``) centred on a physical point.
+
+    Why: with ``--fuse-views`` another view's crop must cover the same anatomy as the segmentation view's patch;
+    the two arrays share nothing but physical space, so the centre is mapped through both affines.
+    """
+    idx = np.linalg.solve(np.asarray(array_affine, dtype=np.float64), np.append(np.asarray(center_physical), 1.0))
+    lo = np.round(idx[:3] - (np.asarray(patch_size) - 1) / 2.0).astype(int)
+    return _to_bbox(lo, patch_size)

@@ -316,3 +316,78 @@ class MultiviewBatchSource(BatchSource):
         if self.seg_view is not None:
             batch["target"] = _collate(segs)
         return batch
+
+
+class AlignedViewsBatchSource(SegBatchSource):
+    """Segmentation patches of the segmentation view plus, per other view, a crop centred on the same physical
+    point, and every crop's index->physical affine (``--fuse-views``).
+
+    Spatial augmentation would break the physical correspondence between the views, so the transforms given here
+    must be intensity-only (see :func:`training.data.augmentation.build_intensity_only_transforms`).
+    Batch: ``data`` (segmentation view), ``target``, ``context`` {view: (B, C, *patch)}, ``present`` {view: (B,)},
+    ``affines`` {view: (B, 4, 4) float64, the segmentation view included}, ``keys``.
+    """
+
+    kind = "aligned"
+
+    def __init__(self, store: PreprocessedCaseStore, cases: Sequence[str], view: str, other_views: Sequence[str],
+                 batch_size: int, patch_size: Sequence[int], other_patch_sizes: Dict[str, Sequence[int]],
+                 transforms=None, oversample_foreground: float = 0.33, ignore_label: Optional[int] = None,
+                 sequential: bool = False, center_crop: bool = False):
+        super().__init__(store, cases, view, batch_size, patch_size, None, transforms, oversample_foreground,
+                         ignore_label, sequential, center_crop)
+        if self.is_2d:
+            raise OrthoError("--fuse-views needs a 3-D configuration")
+        self.other_views = [v for v in other_views if v != view]
+        self.other_patch_sizes = {v: tuple(int(p) for p in other_patch_sizes[v]) for v in self.other_views}
+        self._channels: Dict[str, int] = {}
+
+    def _channels_of(self, view: str) -> int:
+        if view not in self._channels:
+            case = next(iter(self.store.cases(views=[view])), None)
+            if case is None:
+                raise OrthoError(f"no case has view '{view}' in the preprocessed data", self.store.folder)
+            self._channels[view] = int(self.store.open(case, view, with_seg=False).data.shape[0])
+        return self._channels[view]
+
+    def make_batch(self, index, rng, tracker=None):
+        from orthonet.networks.cross_view import patch_affine, preprocessed_index_to_physical
+        from training.data.sampling import aligned_bbox, patch_center_physical
+        tracker = tracker or LoadTracker()
+        images, segs, keys = [], [], []
+        context = {v: [] for v in self.other_views}
+        present = {v: [] for v in self.other_views}
+        affines = {v: [] for v in [self.view] + self.other_views}
+        for j, case in enumerate(self.cases_for(index, rng)):
+            with tracker.loading(case, self.view):
+                arrays = self.store.open(case, self.view)
+                bbox = self._bbox(arrays, j, rng)
+                img = torch.from_numpy(arrays.crop_image(bbox))
+                seg = torch.from_numpy(arrays.crop_seg(bbox))
+                if self.transforms is not None:
+                    out = self.transforms(image=img, segmentation=seg)
+                    img, seg = out["image"], out["segmentation"]
+                seg_affine = preprocessed_index_to_physical(arrays.properties)
+                affines[self.view].append(patch_affine(seg_affine, [b[0] for b in bbox]))
+                center = patch_center_physical(seg_affine, bbox)
+            for v in self.other_views:
+                patch = self.other_patch_sizes[v]
+                if not self.store.has_view(case, v):
+                    context[v].append(torch.zeros((self._channels_of(v), *patch)))
+                    present[v].append(False)
+                    affines[v].append(affines[self.view][-1])
+                    continue
+                with tracker.loading(case, v):
+                    other = self.store.open(case, v, with_seg=False)
+                    a = preprocessed_index_to_physical(other.properties)
+                    vb = aligned_bbox(a, center, patch)
+                    context[v].append(torch.from_numpy(other.crop_image(vb)))
+                    present[v].append(True)
+                    affines[v].append(patch_affine(a, [b[0] for b in vb]))
+            images.append(img)
+            segs.append(seg)
+            keys.append(case)
+        return {"data": torch.stack(images).float(), "target": _collate(segs), "keys": keys,
+                "context": {v: torch.stack(t).float() for v, t in context.items()},
+                "present": {v: torch.tensor(p, dtype=torch.bool) for v, p in present.items()},
+                "affines": {v: torch.from_numpy(np.stack(a)) for v, a in affines.items()}}

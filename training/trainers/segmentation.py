@@ -5,7 +5,7 @@ from typing import Dict, List, Sequence, Set, Tuple
 
 import torch
 
-from training.data.factory import make_seg_loader
+from training.data.factory import make_aligned_views_loader, make_seg_loader
 from training.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from training.online_eval import SegmentationCounts
 from training.trainers.base import BaseTrainer
@@ -39,6 +39,13 @@ class SegTrainer(BaseTrainer):
         return DeepSupervisionLoss(base, deep_supervision_weights(n_outputs, ddp=dist.is_distributed()))
 
     def _seg_loader(self, cases, train: bool, seed: int):
+        workers = self.num_workers if train else 0
+        if self.opts.fuse_views:
+            return make_aligned_views_loader(self.store, cases, self.plans, self.opts.configuration,
+                                             self.segmentation_view, self.model_cfg.views, train=train,
+                                             deep_supervision=self.deep_supervision,
+                                             oversample_foreground=self.oversample_foreground,
+                                             ignore_label=self.spec.ignore_label, num_workers=workers, seed=seed)
         return make_seg_loader(self.store, cases, self.plans, self.segmentation_view, self.opts.configuration,
                                train=train, deep_supervision=self.deep_supervision,
                                oversample_foreground=self.oversample_foreground,
@@ -49,8 +56,15 @@ class SegTrainer(BaseTrainer):
         self.loss_fn = self.seg_loss()
         return self._seg_loader(self.train_cases, True, self.opts.seed + 1000 * self.epoch + dist.rank())
 
+    def model_inputs(self, batch: Dict):
+        """(inputs, kwargs) for the network: the segmentation patch, plus the aligned views with --fuse-views."""
+        if self.opts.fuse_views:
+            return {self.segmentation_view: batch["data"], **batch["context"]}, {"affines": batch["affines"]}
+        return batch["data"], {}
+
     def forward(self, batch: Dict):
-        return self.network(batch["data"])
+        inputs, kwargs = self.model_inputs(batch)
+        return self.network(inputs, **kwargs)
 
     def compute_loss(self, batch: Dict, outputs) -> Tuple[torch.Tensor, Dict[str, float]]:
         return self.loss_fn(outputs, batch["target"]), {}
@@ -64,8 +78,9 @@ class SegTrainer(BaseTrainer):
         with torch.no_grad():
             for _ in range(self.val_iterations):
                 batch = self.to_device(next(self._val_loader))
+                inputs, kwargs = self.model_inputs(batch)
                 with self._autocast():
-                    out = self.model(batch["data"])
+                    out = self.model(inputs, **kwargs)
                 losses.append(float(self.loss_fn(out, batch["target"])))
                 full = out[0] if isinstance(out, (list, tuple)) else out
                 target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
