@@ -22,7 +22,7 @@ import blosc2
 import numpy as np
 
 from orthonet.errors import OrthoError
-from orthonet.fileio import load_json, save_json
+from orthonet.fileio import dumps_readable, load_json, save_text
 
 PathLike = Union[str, Path]
 _CPARAMS = {"codec": blosc2.Codec.ZSTD, "clevel": 3}
@@ -77,7 +77,16 @@ def save_case(folder: PathLike, case: str, view: str, data: np.ndarray, seg: Opt
     save_array(data.astype(np.float32, copy=False), image_file(folder, case, view))
     if seg is not None:
         save_array(seg.astype(np.int16, copy=False), seg_file(folder, case, view))
-    save_json(properties, properties_file(folder, case, view))
+    save_text(properties_text(properties), properties_file(folder, case, view))
+
+
+def properties_text(properties: Dict) -> str:
+    """Readable JSON: short lists on one line, the long ``class_locations`` lists written compactly.
+
+    Why: 10,000 sampled coordinates per class written one number per line would make every properties file
+    megabytes long; the content is the same JSON either way.
+    """
+    return dumps_readable(properties)
 
 
 def load_case(folder: PathLike, case: str, view: str, lazy: bool = False
