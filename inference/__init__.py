@@ -1,1 +1,34 @@
-"""orthonet stage: inference."""
+"""orthonet stage: inference (prediction, saliency, evaluation, best configuration).
+
+The Python API is imported lazily (``from inference import predict_images, Predictor``) so that modules which
+only need a small part of this package (e.g. the diagnoses table during training) do not import the whole
+prediction stack.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "predict_images": "inference.api",
+    "Predictor": "inference.predictor",
+    "PredictionSettings": "inference.predictor",
+    "CasePrediction": "inference.predictor",
+    "PredictionRun": "inference.predictor",
+    "resolve_models": "inference.model_selection",
+    "ModelSelection": "inference.model_selection",
+    "find_best_configuration": "inference.best_configuration",
+    "grad_cam": "inference.explain",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'inference' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

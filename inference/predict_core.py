@@ -187,23 +187,25 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 def predict_preprocessed_case(models: Sequence[LoadedModel], data_by_view: Mapping[str, ArrayLike],
                               mirror_axes: Sequence[int] = (0, 1, 2), step_size: float = 0.5,
-                              progress: bool = False, properties_by_view: Optional[Mapping[str, Dict]] = None
-                              ) -> Dict:
+                              progress: bool = False, properties_by_view: Optional[Mapping[str, Dict]] = None,
+                              segmentation: bool = True, diagnosis: bool = True) -> Dict:
     """Ensemble prediction of one preprocessed case over ``models`` (e.g. folds).
 
     Returns ``{'seg_probabilities': (K, *shape) tensor or None, 'diag_probabilities': (n_models, D) array or None}``;
-    segmentation probabilities are the mean of each model's softmax, diagnosis probabilities are kept per model so
-    the caller can report the ensemble's spread.
+    segmentation probabilities are the mean of each segmenting model's softmax, diagnosis probabilities are kept
+    per model so the caller can report the ensemble's spread. ``segmentation=False`` / ``diagnosis=False`` skip
+    that part (e.g. a multitask model used only for its segmentation).
     """
-    seg_sum, diag = None, []
+    seg_sum, n_seg, diag = None, 0, []
     seg_view = models[0].config.segmentation_view
     for m in models:
-        if has_segmentation(m.config) and seg_view in data_by_view:
+        if segmentation and has_segmentation(m.config) and seg_view in data_by_view:
             logits = segmentation_logits(m, data_by_view[seg_view], mirror_axes, step_size, progress,
                                          context=data_by_view, properties_by_view=properties_by_view)
             probs = torch.softmax(logits, 0)
             seg_sum = probs if seg_sum is None else seg_sum + probs
-        if has_diagnosis(m.config):
+            n_seg += 1
+        if diagnosis and has_diagnosis(m.config):
             diag.append(sigmoid(diagnosis_logits(m, data_by_view, mirror_axes)))
-    return {"seg_probabilities": None if seg_sum is None else seg_sum / len(models),
+    return {"seg_probabilities": None if seg_sum is None else seg_sum / n_seg,
             "diag_probabilities": np.stack(diag) if diag else None}

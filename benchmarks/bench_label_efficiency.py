@@ -1,0 +1,137 @@
+"""Label efficiency: what diffusion pretraining buys at 100 % and 10 % of the labels (issue 5's evidence).
+
+On a synthetic knee dataset with unlabeled scans: pretrain one diffusion model per view, then train fold 0 of the
+multitask model (segmentation + diagnosis) four times — label fraction 1.0 and 0.1, each from scratch and from the
+pretrained encoders — and report mean Dice and macro AUC of the fold's full-volume validation (and, with
+``--test``, of the held-out test exams). Results go to docs/benchmarks.md (section ``bench_label_efficiency``).
+
+    python benchmarks/bench_label_efficiency.py            # ~40-60 min on 2 CPU cores
+    python benchmarks/bench_label_efficiency.py --quick    # a smoke run of the whole path (minutes)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.report import machine_line, write_section  # noqa: E402
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default=str(REPO / "benchmarks" / ".data" / "label_efficiency"))
+    p.add_argument("--size", default="tiny", choices=["tiny", "small", "default"])
+    p.add_argument("--train", type=int, default=50)
+    p.add_argument("--unlabeled", type=int, default=50)
+    p.add_argument("--test", type=int, default=20)
+    p.add_argument("--pretrain-steps", type=int, default=400)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--iterations-per-epoch", type=int, default=25)
+    p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny budgets: checks the path, not the claim")
+    p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.train, args.unlabeled, args.test = 12, 12, 4
+        args.pretrain_steps, args.epochs, args.iterations_per_epoch = 20, 2, 3
+    return args
+
+
+def _call(fn, argv: List[str]) -> None:
+    print("$", fn.__module__, " ".join(argv), flush=True)
+    code = fn(argv)
+    if code not in (0, None):
+        raise SystemExit(f"command failed with exit code {code}: {argv}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    work = Path(args.work).resolve()
+    for kind in ("raw", "preprocessed", "results"):
+        os.environ[f"ORTHO_{kind}"] = str(work / kind)
+    from orthonet.synthetic.cli import cli as make_synthetic
+    from planners.cli import plan_and_preprocess_cli
+    from training.cli import pretrain_cli, train_cli
+
+    d = "101"
+    timings: Dict[str, float] = {}
+    start = time.time()
+    if not (work / "raw" / "Dataset101_Knee").is_dir():
+        _call(make_synthetic, ["--joint", "knee", "-d", d, "--train", str(args.train), "--test", str(args.test),
+                               "--unlabeled", str(args.unlabeled), "--seed", str(args.seed), "--size", args.size,
+                               "--quiet"])
+        _call(plan_and_preprocess_cli, ["-d", d, "-c", "3d_fullres"])
+    timings["data"] = time.time() - start
+    t = time.time()
+    _call(pretrain_cli, [d, "3d_fullres", "--steps", str(args.pretrain_steps), "--device", args.device, "--c"])
+    timings["pretraining"] = time.time() - t
+    results = []
+    for fraction in args.fractions:
+        for pretrained in ("none", "auto"):
+            t = time.time()
+            _call(train_cli, [d, "3d_fullres", "0", "--task", "multitask", "--label-fraction", str(fraction),
+                              "--pretrained", pretrained, "--epochs", str(args.epochs), "--iterations-per-epoch",
+                              str(args.iterations_per_epoch), "--device", args.device, "--seed", str(args.seed)])
+            folder = "MultitaskTrainer__orthoPlans__3d_fullres" + (f"__lf{fraction:g}" if fraction < 1 else "") + \
+                     ("__scratch" if pretrained == "none" else "")
+            fold = work / "results" / "Dataset101_Knee" / folder / "fold_0"
+            summary = json.loads((fold / "validation" / "summary.json").read_text())
+            run = json.loads((fold / "run_config.json").read_text())
+            results.append({"fraction": fraction, "init": "pretrained" if pretrained == "auto" else "scratch",
+                            "labelled": len(run["labelled_training_cases"]), "val_cases": len(summary["cases"]),
+                            "mean_dice": summary.get("segmentation", {}).get("mean_dice"),
+                            "macro_auc": summary.get("diagnosis", {}).get("macro_auc"),
+                            "minutes": (time.time() - t) / 60})
+            print(results[-1], flush=True)
+    (work / "results.json").write_text(json.dumps({"args": vars(args), "results": results,
+                                                   "timings_s": timings}, indent=2))
+    if not args.no_write and not args.quick:
+        write_section("bench_label_efficiency", report(args, results, timings))
+    return 0
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def report(args, results: List[Dict], timings: Dict[str, float]) -> str:
+    rows = "\n".join(f"| {r['fraction']:g} ({r['labelled']} cases) | {r['init']} | {_f(r['mean_dice'])} | "
+                     f"{_f(r['macro_auc'])} | {r['minutes']:.1f} |" for r in results)
+    by = {(r["fraction"], r["init"]): r for r in results}
+    lines = []
+    for f in args.fractions:
+        s, p = by.get((f, "scratch")), by.get((f, "pretrained"))
+        if s and p:
+            lines.append(f"- label fraction {f:g}: pretrained - scratch = Dice {p['mean_dice'] - s['mean_dice']:+.3f}"
+                         f", macro AUC {p['macro_auc'] - s['macro_auc']:+.3f}")
+    return f"""## Label efficiency: diffusion-pretrained vs scratch at 100 % and 10 % labels
+
+- Date: {_dt.date.today().isoformat()}; machine: {machine_line()}.
+- Data: synthetic knees (`{args.size}` preset), {args.train} training cases, {args.unlabeled} unlabeled cases
+  (pretraining only), seed {args.seed}; fold 0 (validation on its held-out fifth of the training cases).
+- Pretraining: {args.pretrain_steps} diffusion steps per view ({timings['pretraining'] / 60:.1f} min for the three views).
+- Training: MultitaskTrainer (segmentation + diagnosis), {args.epochs} epochs x {args.iterations_per_epoch} iterations,
+  the same seed for every run.
+- Command: `python benchmarks/bench_label_efficiency.py --size {args.size} --train {args.train} --unlabeled {args.unlabeled}
+  --pretrain-steps {args.pretrain_steps} --epochs {args.epochs} --iterations-per-epoch {args.iterations_per_epoch}`
+
+| labels | initialisation | mean Dice | macro AUC | minutes |
+|---|---|---|---|---|
+{rows}
+
+{chr(10).join(lines)}
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
