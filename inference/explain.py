@@ -7,7 +7,9 @@ pools, in its **HiResCAM** form (Draelos & Carin 2020) by default:
    in prediction (no mirroring).
 2. For diagnosis d and a pooled encoder level A (C, z, y, x), with G = dlogit_d/dA (the fused logit):
    ``hirescam`` = ReLU(sum_c G_c * A_c) (element-wise); ``gradcam`` = ReLU(sum_c mean(G_c) * A_c) (Grad-CAM's
-   channel weights). The map is upsampled (trilinear) to the crop.
+   channel weights). The map is smoothed with a 3-voxel box filter at feature resolution (max pooling routes each
+   channel's gradient to a single voxel; smoothing makes the peak the densest cluster of evidence) and upsampled
+   (trilinear) to the crop.
 3. ``levels='finest'`` (default) uses the highest-resolution level the head pools; ``'all'`` averages every
    pooled level's map (each divided by its maximum over all views).
 4. Maps are scaled to a maximum of 1 per diagnosis over all views (a view that barely contributed stays dark); an
@@ -15,7 +17,7 @@ pools, in its **HiResCAM** form (Draelos & Carin 2020) by default:
 5. The crop is put back into the preprocessed volume (0 outside) and mapped to the view's original grid with the
    same inverse path as segmentations (:mod:`preprocessing.export`: resample back linearly, un-crop, un-transpose).
 
-Why HiResCAM on the finest pooled level: the diagnosis head pools with mean *and attention* pooling, so the
+Why HiResCAM on the finest pooled level: the diagnosis head pools with mean, max *and attention* pooling, so the
 gradient differs strongly between locations; Grad-CAM's channel-averaged gradient throws that away. On the test
 phantom (a 6 mm bright sphere, tests/test_explain.py) Grad-CAM's maps were at chance level (1.4x the saliency a
 uniform map puts into the lesion), HiResCAM on the finest pooled level 14-39x, its peak in or 6 mm (one feature
@@ -111,6 +113,10 @@ def grad_cam(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike],
                 if method == "gradcam":
                     g = g.mean(dim=tuple(range(2, g.ndim)), keepdim=True)
                 cam = F.relu((g * a).sum(1, keepdim=True))
+                # max pooling sends each channel's gradient to one voxel: spread spikes over their neighbourhood so
+                # the map's peak is the densest cluster of evidence, not an isolated voxel
+                pool = F.avg_pool3d if cam.ndim == 5 else F.avg_pool2d
+                cam = pool(cam, 3, stride=1, padding=1, count_include_pad=False)
                 per_level[used[v].index(li)][v] = F.interpolate(cam, size=tuple(crops[v].shape[2:]),
                                                                 mode="trilinear", align_corners=False)[0, 0]
             total = _combine_levels(per_level, {v: tuple(crops[v].shape[2:]) for v in views}, device)

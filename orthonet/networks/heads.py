@@ -10,7 +10,11 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-POOLING_MODES = ("mean", "attention")
+#: Default pooling of every encoder level. Mean pooling alone is weak on DNA encoders: their stages end in
+#: InstanceNorm, so the spatial mean of a channel is nearly the same for every exam; max pooling keeps a focal
+#: finding undiluted, attention pooling learns where to look.
+POOLING_MODES = ("mean", "max", "attention")
+ALL_POOLING_MODES = POOLING_MODES
 
 
 class MeanPool(nn.Module):
@@ -18,6 +22,14 @@ class MeanPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(2).float().mean(-1)
+
+
+class MaxPool(nn.Module):
+    """Global maximum over all spatial positions: (B, C, *spatial) -> (B, C). A focal lesion that lights up a few
+    voxels of a channel survives max pooling undiluted."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).float().amax(-1)
 
 
 class AttentionPool(nn.Module):
@@ -44,9 +56,11 @@ class AttentionPool(nn.Module):
 def make_pool(mode: str, channels: int) -> nn.Module:
     if mode == "mean":
         return MeanPool()
+    if mode == "max":
+        return MaxPool()
     if mode == "attention":
         return AttentionPool(channels)
-    raise ValueError(f"unknown pooling '{mode}' (use {POOLING_MODES})")
+    raise ValueError(f"unknown pooling '{mode}' (use {ALL_POOLING_MODES})")
 
 
 class MultiLevelPooling(nn.Module):

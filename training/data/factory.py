@@ -71,10 +71,14 @@ def make_multiview_loader(store: PreprocessedCaseStore, cases: Sequence[str], pl
                           batch_size: Optional[int] = None, oversample_foreground: float = 0.33, jitter: float = 0.1,
                           ignore_label: Optional[int] = None, padding_label: int = 0,
                           mirror_axes: Optional[Sequence[int]] = None, num_workers: int = 0, seed: int = 12345,
-                          sequential: Optional[bool] = None, timeout_s: float = 900.0, **loader_kwargs) -> BatchLoader:
+                          sequential: Optional[bool] = None, timeout_s: float = 900.0,
+                          light_augmentation_views: Sequence[str] = (), **loader_kwargs) -> BatchLoader:
     """Multi-view batches (diagnosis / multitask). Batch size defaults to the smallest plan batch of the views.
 
     Validation (``train=False``) uses deterministic centre crops and, by default, visits each case once in order.
+    Views in ``light_augmentation_views`` (never the segmentation view) get mirroring + small intensity jitter only
+    (no rotation, scaling, blur or resolution loss): a few-voxel lesion must survive augmentation for diagnosis to
+    learn it.
     """
     all_views = list(views) + ([segmentation_view] if segmentation_view and segmentation_view not in views else [])
     cfgs = {v: view_configuration(plans, v, configuration) for v in all_views}
@@ -82,7 +86,11 @@ def make_multiview_loader(store: PreprocessedCaseStore, cases: Sequence[str], pl
     samples, transforms = {}, {}
     for v in all_views:
         ds = ds_scales_for(cfgs[v]) if (deep_supervision and v == segmentation_view) else None
-        if train:
+        if train and v in light_augmentation_views and v != segmentation_view:
+            samples[v] = patches[v]
+            axes = tuple(range(len(patches[v]))) if mirror_axes is None else tuple(mirror_axes)
+            transforms[v] = build_pretraining_transforms(axes, 0.1)
+        elif train:
             samples[v] = initial_patch_size(patches[v], cfgs[v]["spacing"])
             transforms[v] = build_training_transforms(patches[v], cfgs[v]["spacing"], None, mirror_axes, ds,
                                                       ignore_label, padding_label)

@@ -24,10 +24,11 @@ class DiagTrainer(BaseTrainer):
     nnU-Net's SGD at 1e-2, while pretrained encoders still get their lower warm-up LR."""
 
     task = "diag"
-    initial_lr: float = 3e-4
+    initial_lr: float = 1e-3
     weight_decay: float = 1e-2
     aux_view_weight: float = 0.5
     diagnosis_jitter: float = 0.1
+    light_augmentation: bool = True   # mirroring + intensity jitter only for the diagnosis views (see factory)
     grad_clip: float = 5.0
 
     def select_training_cases(self, train: Sequence[str], seg_labelled: Set[str]) -> List[str]:
@@ -57,7 +58,9 @@ class DiagTrainer(BaseTrainer):
                                      else None, train=train, deep_supervision=self.deep_supervision,
                                      oversample_foreground=self.oversample_foreground, jitter=self.diagnosis_jitter,
                                      ignore_label=self.spec.ignore_label,
-                                     num_workers=self.num_workers if train else 0, seed=seed)
+                                     num_workers=self.num_workers if train else 0, seed=seed,
+                                     light_augmentation_views=self.model_cfg.views if self.light_augmentation
+                                     else ())
 
     def build_train_loader(self):
         self.bce = self.diagnosis_loss().to(self.device)
