@@ -12,6 +12,7 @@ from scipy.ndimage import zoom
 
 from orthonet.errors import OrthoError
 from orthonet.imageio import Geometry
+from orthonet.networks.heads import MaxPool
 from orthonet.networks import (AttentionPool, CrossViewBottleneckFusion, DiffusionUNet, MeanPool, MultiLevelPooling,
                                MultiTaskModel, MultiViewDiagnosisModel, SegmentationModel, build_encoder,
                                build_network, encoder_output_channels, load_pretrained_decoder,
@@ -216,10 +217,13 @@ def test_pooling():
     x2[0, :, 1, 2, 3] = 3.0
     w = att2.attention(x2).detach()
     assert float(w.sum()) == pytest.approx(1.0, abs=1e-5) and float(w.max()) > 0.99
-    mlp = MultiLevelPooling([6, 4])
+    mlp = MultiLevelPooling([6, 4])                                      # mean, max, attention per level
     out = mlp([torch.randn(2, 6, 8, 8, 8), torch.randn(2, 4, 2, 3, 1)])
-    assert out.shape == (2, mlp.out_dim) == (2, 20)
-    assert mlp([torch.randn(2, 6, 3, 3), torch.randn(2, 4, 5, 7)]).shape == (2, 20)   # shape-agnostic, 2D too
+    assert out.shape == (2, mlp.out_dim) == (2, 30)
+    assert mlp([torch.randn(2, 6, 3, 3), torch.randn(2, 4, 5, 7)]).shape == (2, 30)   # shape-agnostic, 2D too
+    x3 = torch.zeros(1, 2, 5, 5, 5)
+    x3[0, 1, 2, 2, 2] = 7.0                                              # one bright voxel survives max pooling
+    assert torch.equal(MaxPool()(x3), torch.tensor([[0.0, 7.0]]))
 
 
 @pytest.mark.parametrize("fusion", ["concat", "attention"])

@@ -160,7 +160,7 @@ def test_report_lists_every_case_and_renders(main_run):
            "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--screenshot={shot}",
            "--window-size=1200,3000", (out / "report.html").resolve().as_uri()]
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     except subprocess.TimeoutExpired:
         pytest.skip("headless chromium did not finish within 120 s on this machine")
     finally:

@@ -221,7 +221,7 @@ def test_resume_after_kill(multiview):
     assert not (out / "checkpoint_final.pt").exists()
     done_before = len(json.loads(progress.read_text())["epochs"])
     assert 2 <= done_before < 4
-    resumed = subprocess.run(cmd + ["--c"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(cmd + ["--c"], cwd=REPO, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     import re
     resumed_at = re.findall(r"resumed from checkpoint_latest.pt at epoch (\d+)", (out / "log.txt").read_text())
@@ -262,7 +262,7 @@ def test_ddp_two_processes_on_cpu(multiview):
            "--iterations-per-epoch", "2", "--val-iterations", "1", "--num-workers", "0", "--device", "cpu",
            "--no-final-validation"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = Path(os.environ["ORTHO_results"]) / multiview / "SegTrainer__orthoPlans__3d_fullres" / "fold_2"
     assert (out / "checkpoint_final.pt").is_file()
