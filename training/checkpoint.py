@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from orthonet.diffusion.ema import unwrap as unwrap_model  # noqa: F401 (one definition, re-exported)
 from orthonet.errors import OrthoError
 from orthonet.fileio import atomic_path
 
@@ -27,17 +28,6 @@ _PLAIN = (str, int, float, bool, type(None))
 # ------------------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------------------
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def to_plain(obj: Any, where: str = "extra") -> Any:
     """Convert numpy scalars/arrays and Paths to plain types; raise TypeError on anything weights_only rejects."""
     if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN):

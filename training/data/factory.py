@@ -11,7 +11,6 @@ from typing import Dict, Optional, Sequence, Set
 
 import numpy as np
 
-from orthonet.errors import OrthoError
 from training.data.augmentation import (build_pretraining_transforms, build_training_transforms,
                                         build_validation_transforms, deep_supervision_scales, initial_patch_size)
 from training.data.dataset import PreprocessedCaseStore
@@ -21,18 +20,8 @@ from training.data.sources import ImageBatchSource, MultiviewBatchSource, SegBat
 
 def view_configuration(plans: Dict, view: str, configuration: str) -> Dict:
     """The plans entry of one view and configuration, with a clear error when it is missing."""
-    try:
-        views = plans["views"]
-    except (KeyError, TypeError):
-        raise OrthoError("plans have no 'views' section", fix="rerun `ortho_plan_and_preprocess`") from None
-    if view not in views:
-        raise OrthoError(f"plans have no view '{view}' (views: {sorted(views)})",
-                         fix="check the view name or re-plan the dataset")
-    configs = views[view].get("configurations", {})
-    if configuration not in configs:
-        raise OrthoError(f"plans have no configuration '{configuration}' for view '{view}' "
-                         f"(available: {sorted(configs)})", fix="pick one of the available configurations")
-    return configs[configuration]
+    from planners.plans import configuration as plans_configuration
+    return plans_configuration(plans, view, configuration)
 
 
 def ds_scales_for(config: Dict) -> Optional[list]:

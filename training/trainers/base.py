@@ -9,7 +9,6 @@ checkpoints, progress logging, distributed helpers); this file only wires them t
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -25,7 +24,7 @@ from orthonet.fileio import load_json, save_json
 from orthonet.networks import load_pretrained_decoder, load_pretrained_encoder
 from orthonet.paths import preprocessed_root, raw_root
 from training import distributed as dist
-from training.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint, unwrap_model
+from training.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
 from training.data.dataset import PreprocessedCaseStore
 from training.model_factory import ModelConfig, build_model, views_for
 from training.options import TrainOptions, fold_dir_name, model_dir, model_folder_name

@@ -83,19 +83,23 @@ class DiagTrainer(BaseTrainer):
     def compute_loss(self, batch: Dict, outputs) -> Tuple[torch.Tensor, Dict[str, float]]:
         return self.diagnosis_terms(batch, outputs)
 
-    def online_validation(self) -> Dict:
-        collector = DiagnosisCollector(self.spec.diagnoses)
-        losses = []
+    def validation_batches(self):
+        """(batch, outputs) over every validation case once (deterministic centre crops, no augmentation)."""
         loader = self.multiview_loader(self.val_cases, False, self.opts.seed + 7)
         with torch.no_grad():
             for batch in loader:
                 batch = self.to_device(batch)
                 with autocast(self.device):
                     out = self.model(batch["data"], batch["present"])
-                losses.append(float(self.bce(out["logits"], batch["diagnosis"])))
-                collector.add(out["logits"], batch["diagnosis"], batch["keys"])
-        auc = collector.auc()
+                yield batch, out
+
+    def online_validation(self) -> Dict:
+        collector = DiagnosisCollector(self.spec.diagnoses)
+        losses = []
+        for batch, out in self.validation_batches():
+            losses.append(float(self.bce(out["logits"], batch["diagnosis"])))
+            collector.add(out["logits"], batch["diagnosis"], batch["keys"])
         macro = collector.macro_auc()
         val_loss = float(np.mean(losses)) if losses else float("nan")
         score = macro if np.isfinite(macro) else -val_loss
-        return {"val_loss": val_loss, "auc": auc, "macro_auc": macro, "score": score}
+        return {"val_loss": val_loss, "auc": collector.auc(), "macro_auc": macro, "score": score}

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from training.online_eval import DiagnosisCollector, SegmentationCounts
-from training.runtime import autocast
 from training.trainers.diagnosis import DiagTrainer
 from training.trainers.segmentation import SegTrainer
 
@@ -54,18 +53,12 @@ class MultitaskTrainer(DiagTrainer):
         collector = DiagnosisCollector(self.spec.diagnoses)
         counts = SegmentationCounts(self.spec.class_names, self.spec.ignore_label)
         losses = []
-        loader = self.multiview_loader(self.val_cases, False, self.opts.seed + 7)
-        with torch.no_grad():
-            for batch in loader:
-                batch = self.to_device(batch)
-                with autocast(self.device):
-                    out = self.model(batch["data"], batch["present"])
-                loss, _ = self.compute_loss(batch, out)
-                losses.append(float(loss))
-                collector.add(out["logits"], batch["diagnosis"], batch["keys"])
-                full = out["seg"][0] if isinstance(out["seg"], (list, tuple)) else out["seg"]
-                target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
-                counts.add(full, target, batch["has_seg"])
+        for batch, out in self.validation_batches():
+            losses.append(float(self.compute_loss(batch, out)[0]))
+            collector.add(out["logits"], batch["diagnosis"], batch["keys"])
+            full = out["seg"][0] if isinstance(out["seg"], (list, tuple)) else out["seg"]
+            target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
+            counts.add(full, target, batch["has_seg"])
         macro = collector.macro_auc()
         mean_dice = counts.mean_dice()
         scores = [s for s in (macro, mean_dice) if np.isfinite(s)]
