@@ -267,3 +267,25 @@ def test_ddp_two_processes_on_cpu(multiview):
     out = Path(os.environ["ORTHO_results"]) / multiview / "SegTrainer__orthoPlans__3d_fullres" / "fold_2"
     assert (out / "checkpoint_final.pt").is_file()
     assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
+
+
+def test_validation_only_and_loss_weights(multiview):
+    """--val reruns only the final validation from the trained weights (same numbers, no training);
+    --loss-weights reaches the multitask trainer."""
+    from training.cli import train_main
+    base = [multiview, "3d_fullres", "3", "--task", "multitask", "--epochs", "1", "--iterations-per-epoch", "2",
+            "--val-iterations", "1", "--num-workers", "0", "--device", "cpu", "--loss-weights", "0.5", "2"]
+    assert train_main(base) == 0
+    out = Path(os.environ["ORTHO_results"]) / multiview / "MultitaskTrainer__orthoPlans__3d_fullres" / "fold_3"
+    first = json.loads((out / "validation" / "summary.json").read_text())
+    stamp = (out / "checkpoint_final.pt").stat().st_mtime_ns
+    (out / "validation" / "summary.json").unlink()
+    assert train_main(base + ["--val"]) == 0
+    again = json.loads((out / "validation" / "summary.json").read_text())
+    assert (out / "checkpoint_final.pt").stat().st_mtime_ns == stamp
+    assert again["segmentation"]["dice"] == first["segmentation"]["dice"]
+    assert again["diagnosis"]["auc"] == first["diagnosis"]["auc"]
+    from training.options import TrainOptions
+    from training.trainers import MultitaskTrainer
+    t = MultitaskTrainer(TrainOptions(multiview, "3d_fullres", 3, loss_weights=(0.5, 2.0), device="cpu"))
+    assert (t.seg_loss_weight, t.diag_loss_weight) == (0.5, 2.0)

@@ -61,6 +61,8 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="segmentation: sample the other views' bottleneck features into the segmentation view")
     p.add_argument("--fusion", choices=["concat", "attention"], default="concat",
                    help="diagnosis fusion across views (default concat + MLP)")
+    p.add_argument("--loss-weights", type=float, nargs=2, metavar=("SEG", "DIAG"), default=None,
+                   help="multitask: weights of the segmentation and diagnosis losses (default 1 1)")
     p.add_argument("--no-final-validation", action="store_true", help="skip the full-volume validation at the end")
     return p
 
@@ -79,7 +81,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                            val_iterations=args.val_iterations, continue_training=args.continue_training,
                            validation_only=args.validation_only, device=args.device, num_workers=args.num_workers,
                            plans_name=args.plans, seed=args.seed, fuse_views=args.fuse_views, fusion=args.fusion,
-                           final_validation=not args.no_final_validation)
+                           final_validation=not args.no_final_validation, loss_weights=args.loss_weights)
     trainer = cls(options)
     trainer.run()
     print(f"results: {trainer.output_dir}")

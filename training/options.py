@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 from orthonet.errors import OrthoError
 from orthonet.paths import results_root
@@ -35,6 +35,7 @@ class TrainOptions:
     fuse_views: bool = False
     fusion: str = "concat"
     final_validation: bool = True
+    loss_weights: Optional[Tuple[float, float]] = None   # multitask: (segmentation, diagnosis)
 
     def __post_init__(self) -> None:
         if str(self.fold) != "all":

@@ -36,6 +36,11 @@ class MultitaskTrainer(DiagTrainer):
     def select_validation_cases(self, val: Sequence[str], seg_labelled: Set[str]) -> List[str]:
         return list(val)
 
+    def __init__(self, options):
+        super().__init__(options)
+        if options.loss_weights is not None:
+            self.seg_loss_weight, self.diag_loss_weight = (float(w) for w in options.loss_weights)
+
     def build_optimizer(self, model, pretrained_names):
         return super(DiagTrainer, self).build_optimizer(model, pretrained_names)
 
