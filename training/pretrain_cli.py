@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -117,34 +118,66 @@ def build_sample_parser() -> argparse.ArgumentParser:
                    help="which checkpoint (default auto: final if present, else latest)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--batch-size", type=_positive_int, default=None, help="samples per forward pass (default all)")
+    p.add_argument("--clip-x0", default="auto",
+                   help="clamp the clean-image estimate at every DDIM step to +-this value: 'auto' (default) = the "
+                        "largest |intensity| of a few real preprocessed images of the view, 'none', or a number. "
+                        "Keeps the first, almost-pure-noise steps from amplifying small errors")
     p.add_argument("--no-reference", action="store_true", help="leave real patches out of the montage")
     p.add_argument("-p", "--plans", dest="plans_name", default=DEFAULT_PLANS_NAME)
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def reference_patches(preprocessed_dir: Path, plans, view: str, configuration: str, patch, n: int, seed: int):
-    """Up to ``n`` real centre patches of the view (for the montage), or None if the data are not here."""
+@dataclass
+class RealViewData:
+    """What the real preprocessed images of a view tell the sampler: a few centre patches (montage), the direction
+    of the view's first case (NIfTI header) and the largest absolute intensity (the x0 clip). None when absent."""
+
+    patches: Optional[np.ndarray] = None
+    direction: Optional[Sequence[float]] = None
+    max_abs: Optional[float] = None
+
+
+def real_view_data(preprocessed_dir: Path, plans, view: str, configuration: str, patch, n: int,
+                   seed: int) -> RealViewData:
     from training.data import PreprocessedCaseStore
     from training.data.sampling import center_bbox
 
     try:
         store = PreprocessedCaseStore(data_folder(preprocessed_dir, plans, view, configuration), [view])
     except OrthoError:
-        return None, None
+        return RealViewData()
     cases = store.cases(views=[view])
     if not cases:
-        return None, None
+        return RealViewData()
     rng = np.random.default_rng(seed)
     chosen = [cases[i] for i in sorted(rng.choice(len(cases), min(n, len(cases)), replace=False))]
     patch3 = [1, *patch] if len(patch) == 2 else list(patch)
-    out = []
+    patches, max_abs = [], 0.0
     for case in chosen:
         arrays = store.open(case, view, with_seg=False)
-        out.append(arrays.crop_image(center_bbox(arrays.shape, patch3)))
+        volume = np.asarray(arrays.data[:], dtype=np.float32)
+        max_abs = max(max_abs, float(np.abs(volume).max()))
+        patches.append(arrays.crop_image(center_bbox(arrays.shape, patch3)))
     # the direction of the view's first case: samples then open in a viewer oriented like the real scans
     direction = store.properties(cases[0], view).get("original_geometry", {}).get("direction")
-    return np.stack(out), direction
+    return RealViewData(np.stack(patches), direction, max_abs)
+
+
+def parse_clip(text: str, data: RealViewData) -> Optional[float]:
+    """``--clip-x0``: 'auto' = the largest |intensity| of a few real images of the view (None without data),
+    'none', or a number."""
+    if text == "none":
+        return None
+    if text == "auto":
+        return data.max_abs
+    try:
+        value = float(text)
+    except ValueError:
+        raise OrthoError(f"--clip-x0 must be auto, none or a positive number (got '{text}')") from None
+    if value <= 0:
+        raise OrthoError(f"--clip-x0 must be positive (got {value})")
+    return value
 
 
 def sample_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -163,6 +196,8 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
         raise OrthoError(f"view '{args.view}' is not in the plans", pre / f"{args.plans_name}.json")
     vp = plans["views"][args.view]
     spacing = view_spacing_3d(plans, args.view, args.configuration)
+    real = real_view_data(pre, plans, args.view, args.configuration, patch, min(args.num_samples, 4), args.seed)
+    clip = parse_clip(args.clip_x0, real)
     chunks = []
     bs = args.batch_size or args.num_samples
     gen = torch.Generator().manual_seed(int(args.seed))
@@ -170,19 +205,18 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
         n = min(bs, args.num_samples - start)
         x = ddim_sample(bundle.model, (n, channels, *patch), steps=args.steps, eta=args.eta, generator=gen,
                         prediction_type=bundle.prediction_type, schedule=bundle.schedule, device=device,
-                        progress=not args.no_progress,
+                        clip_x0=clip, progress=not args.no_progress,
                         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
         chunks.append(x.float().cpu().numpy())
     samples = as_volumes(np.concatenate(chunks))
-    reference, direction = (None, None) if args.no_reference else reference_patches(
-        pre, plans, args.view, args.configuration, patch, min(args.num_samples, 4), args.seed)
     out = Path(args.output)
     files = write_sample_volumes(samples, out, args.view, spacing, vp["transpose_backward"],
-                                 direction or (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+                                 real.direction or (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    clip_text = "no x0 clip" if clip is None else f"x0 clipped to +-{clip:.3g}"
     png = montage_png(samples, out / f"samples_{args.view}.png", spacing,
                       title=f"{name} {args.configuration} {args.view}: {args.num_samples} DDIM samples "
-                            f"({args.steps} steps, seed {args.seed}, step {bundle.step} of pretraining)",
-                      reference=reference)
+                            f"({args.steps} steps, seed {args.seed}, {clip_text}; step {bundle.step} of pretraining)",
+                      reference=None if args.no_reference else real.patches)
     print(f"wrote {len(files)} NIfTI file(s) and {png} to {out}")
     return 0
 

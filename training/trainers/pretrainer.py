@@ -94,6 +94,8 @@ class PretrainSettings:
         if self.prediction_type not in PREDICTION_TYPES:
             raise OrthoError(f"unknown prediction type '{self.prediction_type}'",
                              fix=f"use one of {', '.join(PREDICTION_TYPES)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise OrthoError(f"--ema-decay must lie in [0, 1) (got {self.ema_decay})")
         if not 0 <= self.feature_timestep < self.timesteps:
             raise OrthoError(f"feature timestep {self.feature_timestep} is outside [0, {self.timesteps - 1}]")
         return self
@@ -184,7 +186,7 @@ class DiffusionPretrainer:
         return NoiseSchedule(self.settings.timesteps, self.settings.noise_schedule)
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters; no weight decay on norms, biases and the time-embedding output."""
+        """AdamW over the trainable parameters; no weight decay on 1-D parameters (norm affines, biases)."""
         decay, no_decay = [], []
         for name, p in model.named_parameters():
             if not p.requires_grad:
