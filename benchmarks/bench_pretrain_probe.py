@@ -62,6 +62,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--patch", default="16,64,64", help="patch size of the benchmark plans")
     p.add_argument("--t", default="100", help="feature timestep(s), comma separated (concatenated)")
     p.add_argument("--levels", default="-3,-2,-1", help="encoder levels, comma separated")
+    p.add_argument("--decoder-levels", default="", help="decoder stages to add (e.g. '-2,-1'; empty: none)")
     p.add_argument("--poolings", default="mean;max;grid2",
                    help="pooling variants to probe, ';'-separated; each '+'-joins mean, max, std, gridN")
     p.add_argument("--no-dense", action="store_true", help="skip the voxel-wise anatomy probe")
@@ -197,7 +198,9 @@ def feature_tables(args: argparse.Namespace, pre: Path, models) -> Tuple[Dict[st
                 raw_max.append(F.adaptive_max_pool3d(x[None], 4).flatten().numpy())
                 raw_mean.append(F.adaptive_avg_pool3d(x[None], 4).flatten().numpy())
                 for name, by_view in models.items():
-                    feats = extract_features(by_view[v], x, t=t, levels=levels, seed=0)
+                    dec = ints(args.decoder_levels) if args.decoder_levels else None
+                    feats = extract_features(by_view[v], x, t=t, levels=levels, seed=0,
+                                             include_decoder=dec is not None, decoder_levels=dec)
                     for p in poolings:
                         parts[name][p].append(pooled(feats, p))
             for name in models:

@@ -207,3 +207,17 @@ def test_extract_features_encoder_only_clean_and_noised():
     assert all(torch.equal(a, b) for a, b in zip(clean, ref))
     noised = extract_features(encoder, x, t=900, levels=[0])
     assert not torch.allclose(noised[0], clean[0])
+
+
+def test_extract_decoder_features_of_any_volume_size():
+    """Whole volumes are rarely divisible by the encoder's total stride: decoder features still come out, each
+    level covering the original volume (ceil(size / stride))."""
+    from orthonet.diffusion import extract_features
+    from orthonet.networks import DiffusionUNet, make_test_spec
+    torch.manual_seed(0)
+    model = DiffusionUNet(make_test_spec(dim=3, n_stages=3, features=(8, 16, 32)), 1)
+    x = torch.randn(1, 21, 43, 41)
+    feats = extract_features(model, x, t=50, levels=[-1], include_decoder=True)
+    assert [tuple(f.shape[1:]) for f in feats] == [(6, 11, 11), (11, 22, 21), (21, 43, 41)]
+    enc_only = extract_features(model, x, t=50, levels=[-1])
+    assert torch.allclose(enc_only[0], extract_features(model, x, t=50, levels=[-1])[0])

@@ -63,6 +63,30 @@ def _run(module: nn.Module, x: torch.Tensor, t: Optional[int], include_decoder: 
     return list(skips), decoder_feats
 
 
+def _total_stride(module: nn.Module, dims: int) -> List[int]:
+    """Product of the encoder's strides per axis (the decoder needs inputs divisible by it)."""
+    encoder = getattr(module, "encoder", module)
+    total = [1] * dims
+    for s in getattr(encoder, "strides", []):
+        s = [int(s)] * dims if isinstance(s, int) else [int(v) for v in s]
+        total = [a * b for a, b in zip(total, s)]
+    return total
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> torch.Tensor:
+    """Zero-pad the spatial axes at their end up to a multiple of ``multiple``."""
+    pad: List[int] = []
+    for n, m in zip(reversed(x.shape[2:]), reversed(list(multiple))):
+        pad += [0, (-int(n)) % int(m)]
+    return torch.nn.functional.pad(x, pad) if any(pad) else x
+
+
+def _crop_like(feature: torch.Tensor, original: Sequence[int], padded: Sequence[int]) -> torch.Tensor:
+    """Crop a feature map of a padded input to the part that covers the original input."""
+    keep = [-(-int(f) * int(o) // int(p)) for f, o, p in zip(feature.shape[2:], original, padded)]
+    return feature[(slice(None), slice(None)) + tuple(slice(0, k) for k in keep)]
+
+
 @torch.no_grad()
 def extract_features(model_or_encoder: nn.Module, volume: torch.Tensor, t: TimeArg = DEFAULT_T,
                      levels: Optional[Sequence[int]] = None, seed: int = 0, include_decoder: bool = False,
@@ -80,7 +104,8 @@ def extract_features(model_or_encoder: nn.Module, volume: torch.Tensor, t: TimeA
       stages in computation order, low to high resolution; None = all), appended after the encoder levels.
 
     Returns one tensor per selected level, shape (B, C_level * len(t), *spatial_level), float32. The module is run
-    in eval mode and restored to its previous mode afterwards.
+    in eval mode and restored to its previous mode afterwards. With the decoder, volumes of any size work: the input
+    is zero-padded to a multiple of the encoder's total stride and the feature maps are cropped back.
     """
     module = unwrap(model_or_encoder)
     dims = _spatial_dims(module)
@@ -96,13 +121,19 @@ def extract_features(model_or_encoder: nn.Module, volume: torch.Tensor, t: TimeA
         raise ValueError("t must be None, an int or a non-empty list of ints")
     schedule = schedule or NoiseSchedule()
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(seed))).to(device)
+    original = list(x.shape[2:])
     was_training = module.training
     module.eval()
     per_t: List[List[torch.Tensor]] = []
     try:
         for step in timesteps:
             x_in = x if step is None else schedule.q_sample(x, torch.full((x.shape[0],), step, device=device), noise)
+            if include_decoder:
+                x_in = _pad_to_multiple(x_in, _total_stride(module, dims))
+            padded = list(x_in.shape[2:])
             skips, dec = _run(module, x_in, step, include_decoder)
+            skips = [_crop_like(f, original, padded) for f in skips]
+            dec = None if dec is None else [_crop_like(f, original, padded) for f in dec]
             chosen = [skips[i] for i in resolve_levels(levels, len(skips))]
             if include_decoder:
                 dl = list(range(len(dec))) if decoder_levels is None else resolve_levels(decoder_levels, len(dec))
