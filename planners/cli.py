@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes (default: min(CPUs, 8))")
     p.add_argument("-gpu_memory_target", "--gpu-memory-target", type=float, default=None,
                    help="GPU memory budget in GB for patch/batch size (default 8)")
+    p.add_argument("--base-features", type=int, default=None,
+                   help="features of the first stage (default 32, doubled per stage up to 320); smaller networks "
+                        "for CPU-only machines or quick experiments")
     p.add_argument("--plans-from", default=None,
                    help="reuse the network topology of this dataset's plans (plans transfer)")
     p.add_argument("--plans-from-name", default=None,
@@ -81,8 +84,12 @@ def run_verify(dataset_dir: Path, num_processes: int, progress: bool, log) -> No
 
 
 def _requested_settings_conflict(existing: Dict, planner_name: Optional[str], gpu: Optional[float],
-                                 plans_from: Optional[str]) -> List[str]:
+                                 plans_from: Optional[str], base_features: Optional[int] = None) -> List[str]:
     problems = []
+    old_base = existing.get("planner_settings", {}).get("base_features")
+    if base_features is not None and existing.get("transferred_from") is None and old_base is not None \
+            and int(old_base) != int(base_features):
+        problems.append(f"base_features {old_base} (requested {base_features})")
     if planner_name is not None and existing.get("planner") != planner_name:
         problems.append(f"planner {existing.get('planner')} (requested {planner_name})")
     old_gpu = existing.get("planner_settings", {}).get("gpu_memory_target_gb")
@@ -106,14 +113,15 @@ def plan_dataset(spec, fingerprint: Dict, preprocessed_dir: Path, args, log) -> 
     path = plans_path(preprocessed_dir, plans_name)
     if path.is_file() and not args.overwrite:
         plans = load_plans(preprocessed_dir, plans_name)
-        conflicts = _requested_settings_conflict(plans, args.planner, args.gpu_memory_target, args.plans_from)
+        conflicts = _requested_settings_conflict(plans, args.planner, args.gpu_memory_target, args.plans_from,
+                                                 args.base_features)
         if conflicts:
             raise OrthoError(f"existing plans {path.name} were made with " + "; ".join(conflicts), path,
                              fix="pass --overwrite to re-plan (this replaces edits), or --plans-name NEW to keep both")
         log.info(f"using the existing plans {path} (edit it freely; --overwrite re-plans)")
         return plans
     planner = planner_cls(spec, fingerprint, gpu_memory_target_gb=args.gpu_memory_target or 8.0,
-                          plans_name=plans_name, logger=log)
+                          plans_name=plans_name, logger=log, base_features=args.base_features)
     if args.plans_from:
         from planners.transfer import transfer_plans
 

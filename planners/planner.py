@@ -68,9 +68,14 @@ class DefaultPlanner:
     iterations_per_epoch = 250
 
     def __init__(self, spec: DatasetSpec, fingerprint: Dict, gpu_memory_target_gb: float = 8.0,
-                 plans_name: Optional[str] = None, logger: Optional[logging.Logger] = None):
+                 plans_name: Optional[str] = None, logger: Optional[logging.Logger] = None,
+                 base_features: Optional[int] = None):
         if gpu_memory_target_gb <= 0:
             raise OrthoError(f"-gpu_memory_target must be positive (got {gpu_memory_target_gb})")
+        if base_features is not None:
+            if int(base_features) < 1:
+                raise OrthoError(f"--base-features must be at least 1 (got {base_features})")
+            self.base_features = int(base_features)   # instance override of the class default (32, as nnU-Net)
         self.spec = spec
         self.fingerprint = fingerprint
         self.gpu_memory_target_gb = float(gpu_memory_target_gb)
@@ -90,7 +95,7 @@ class DefaultPlanner:
 
     def settings(self) -> Dict:
         """Planner inputs recorded in the plans (a rerun with other settings must re-plan)."""
-        return {"gpu_memory_target_gb": self.gpu_memory_target_gb}
+        return {"gpu_memory_target_gb": self.gpu_memory_target_gb, "base_features": self.base_features}
 
     def data_identifier(self, config: str) -> str:
         return f"{self.plans_name}_{config}"

@@ -380,3 +380,27 @@ def test_verify_errors_stop_planning(tmp_path, monkeypatch):
     with pytest.raises(OrthoError, match="verification failed(.|\\n)*case001_sagittal"):
         run_cli(["-d", "969", "-np", "1"], raw, pre, monkeypatch)
     assert not (pre / "Dataset969_Ver" / "orthoPlans.json").exists()
+
+
+def test_base_features_option_narrows_the_network(tmp_path, monkeypatch):
+    """--base-features makes a narrower network of the same topology (CPU-only machines, quick experiments); a
+    rerun asking for a different width without --overwrite is refused instead of silently mixing plans."""
+    import json
+    from planners.cli import main
+    from orthonet.errors import OrthoError
+    from tests.builders import write_tiny_dataset
+    for kind in ("raw", "preprocessed", "results"):
+        monkeypatch.setenv(f"ORTHO_{kind}", str(tmp_path / kind))
+    write_tiny_dataset(tmp_path / "raw" / "Dataset962_Narrow", n_train=4, n_test=0)
+    assert main(["-d", "962", "-np", "1", "--no-pp"]) == 0
+    wide = json.loads((tmp_path / "preprocessed" / "Dataset962_Narrow" / "plans.json").read_text())
+    assert main(["-d", "962", "-np", "1", "--no-pp", "--overwrite", "--base-features", "8"]) == 0
+    narrow = json.loads((tmp_path / "preprocessed" / "Dataset962_Narrow" / "plans.json").read_text())
+    for view in wide["views"]:
+        w = wide["views"][view]["configurations"]["3d_fullres"]["network"]["kwargs"]
+        n = narrow["views"][view]["configurations"]["3d_fullres"]["network"]["kwargs"]
+        assert n["features_per_stage"] == [min(320, 8 * 2 ** i) for i in range(n["n_stages"])]
+        assert n["strides"] == w["strides"] and n["kernel_sizes"] == w["kernel_sizes"]
+    assert narrow["planner_settings"]["base_features"] == 8
+    with pytest.raises(OrthoError, match="base_features"):
+        main(["-d", "962", "-np", "1", "--no-pp", "--base-features", "16"])
