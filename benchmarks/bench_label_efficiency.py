@@ -85,8 +85,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             folder = "MultitaskTrainer__orthoPlans__3d_fullres" + (f"__lf{fraction:g}" if fraction < 1 else "") + \
                      ("__scratch" if pretrained == "none" else "")
             fold = work / "results" / "Dataset101_Knee" / folder / "fold_0"
-            summary = json.loads((fold / "validation" / "summary.json").read_text())
-            run = json.loads((fold / "run_config.json").read_text())
+            summary = json.loads((fold / "validation" / "summary.json").read_text(encoding="utf-8"))
+            run = json.loads((fold / "run_config.json").read_text(encoding="utf-8"))
             results.append({"fraction": fraction, "init": "pretrained" if pretrained == "auto" else "scratch",
                             "labelled": len(run["labelled_training_cases"]), "val_cases": len(summary["cases"]),
                             "mean_dice": summary.get("segmentation", {}).get("mean_dice"),

@@ -232,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"writing {args.cases} cases to {dataset}", flush=True)
         source = make_dataset(dataset, args.cases)
         (work / "source.txt").write_text(source)
-    source = (work / "source.txt").read_text() if (work / "source.txt").is_file() else "existing data"
+    source = (work / "source.txt").read_text(encoding="utf-8") if (work / "source.txt").is_file() else "existing data"
     nnunet_exe = ensure_nnunet_venv(args.venv)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORTHO_", "nnUNet_"))}
@@ -301,7 +301,7 @@ the worker modules once.
 {SECTION_END}
 """
     path = REPO / "docs" / "benchmarks.md"
-    old = path.read_text() if path.is_file() else "# orthonet benchmarks\n\n"
+    old = path.read_text(encoding="utf-8") if path.is_file() else "# orthonet benchmarks\n\n"
     if SECTION_BEGIN in old and SECTION_END in old:
         new = old[:old.index(SECTION_BEGIN)] + text.rstrip("\n") + old[old.index(SECTION_END) + len(SECTION_END):]
     else:

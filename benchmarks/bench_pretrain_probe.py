@@ -411,7 +411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pre = prepare_data(args)
     print(f"[data] ready in {time.time() - t_all:.1f} s", flush=True)
     result_path = work / "results.json"
-    previous = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    previous = json.loads(result_path.read_text(encoding="utf-8")) if result_path.is_file() else {}
     pretraining = previous.get("pretraining", {}) if args.skip_pretrain else pretrain(args, pre)
     models = load_models(args)
     t0 = time.time()

@@ -34,10 +34,10 @@ def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> Path:
     """Replace (or append) the section ``name`` of docs/benchmarks.md with ``body`` (markdown, no markers)."""
     begin, end = markers(name)
     text = f"{begin}\n{body.strip()}\n{end}"
-    old = path.read_text() if path.is_file() else "# orthonet benchmarks\n"
+    old = path.read_text(encoding="utf-8") if path.is_file() else "# orthonet benchmarks\n"
     if begin in old and end in old:
         new = old[:old.index(begin)] + text + old[old.index(end) + len(end):]
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
+    path.write_text(new, encoding="utf-8")
     return path

@@ -19,6 +19,7 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Optional[int]]) -> Callabl
 
     @functools.wraps(main)
     def wrapper(argv: Optional[Sequence[str]] = None) -> int:
+        make_console_output_safe()
         try:
             code = main(argv)
         except OrthoError as e:
@@ -32,6 +33,21 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Optional[int]]) -> Callabl
         return int(code or 0)
 
     return wrapper
+
+
+def make_console_output_safe() -> None:
+    """Never crash on a non-ASCII character (an ellipsis, a +-) when the terminal or CI locale is plain ASCII.
+
+    Why: Python falls back to an ``ascii`` stdout under ``LC_ALL=C`` with UTF-8 mode off, and a print of the
+    progress text would then abort a finished training run. Characters the console cannot show are escaped.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a detached or closed stream: nothing to protect
+                pass
 
 
 def entry_point(main: Callable[[Optional[Sequence[str]]], int]) -> None:

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=int, default=150, help="diffusion steps per view")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--iterations-per-epoch", type=int, default=20)
+    p.add_argument("--base-features", type=int, default=16,
+                   help="U-Net width of the first stage (nnU-Net: 32); the demo halves it so CPUs finish in minutes")
     p.add_argument("--gpu-memory-target", type=float, default=None,
                    help="planner memory budget in GB (default: orthonet's default)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda or cpu")
@@ -56,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from orthonet.cli_utils import make_console_output_safe
+    make_console_output_safe()
     args = build_parser().parse_args(argv)
     out = Path(args.output).resolve()
     for kind in ("raw", "preprocessed", "results"):
@@ -86,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     first_case = sorted(p.name.split("_sagittal")[0] for p in (raw / "labelsTr").glob("*_sagittal.nii.gz"))[0]
     _run("3. look at one case", "ortho_show", show_cli, ["-d", d, "-c", first_case, "-o", str(out / "case.png")],
          timings)
-    plan_args = ["-d", d, "--overwrite"] + (["-gpu_memory_target", str(args.gpu_memory_target)]
+    plan_args = ["-d", d, "--overwrite", "--base-features", str(args.base_features)] + (["-gpu_memory_target", str(args.gpu_memory_target)]
                                             if args.gpu_memory_target else [])
     _run("4. fingerprint, plan and preprocess", "ortho_plan_and_preprocess", plan_and_preprocess_cli, plan_args,
          timings)
@@ -111,7 +115,7 @@ def _fmt(v) -> str:
 
 
 def _print_results(summary_path: Path, pred: Path, out: Path, timings: dict) -> None:
-    summary = json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
     _banner("results on the held-out synthetic test exams (demo-size training: see the note at the top)")
     seg = summary.get("segmentation") or {}
     if seg:

@@ -44,7 +44,7 @@ def plan_small(dataset_id: int, dataset_name: str, root: Path) -> Dict:
     from planners.cli import main as plan_main
     assert plan_main(["-d", str(dataset_id), "-np", "1", "--no-progress"]) == 0
     pre = root / "pre" / dataset_name
-    plans = json.loads((pre / "orthoPlans.json").read_text())
+    plans = json.loads((pre / "orthoPlans.json").read_text(encoding="utf-8"))
     for view in plans["views"].values():
         for cfg in view["configurations"].values():
             kw = cfg["network"]["kwargs"]

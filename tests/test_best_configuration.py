@@ -60,7 +60,7 @@ def test_find_best_configuration_on_two_trained_folds(models, tmp_path, capsys):
     try:
         assert find_best_configuration_cli(["-d", str(models["id"]), "-f", "0", "1"]) == 0
         printed = capsys.readouterr().out
-        instr = json.loads(instructions_file.read_text())
+        instr = json.loads(instructions_file.read_text(encoding="utf-8"))
         # independent out-of-fold table: the folds' validation CSVs and the raw labels
         oof = {}
         for fold in (0, 1):
@@ -87,10 +87,10 @@ def test_find_best_configuration_on_two_trained_folds(models, tmp_path, capsys):
         out = tmp_path / "out"
         assert predict_cli(["-i", str(inp), "-o", str(out), "-d", str(models["id"]), "--disable-tta",
                             "--no-progress", "--no-overview"]) == 0
-        info = json.loads((out / "prediction_info.json").read_text())
+        info = json.loads((out / "prediction_info.json").read_text(encoding="utf-8"))
         assert info["selection"]["source"] == "instructions"
         assert info["selection"]["models"][0]["folds"] == ["0", "1"]
-        table = json.loads((out / "diagnoses.json").read_text())
+        table = json.loads((out / "diagnoses.json").read_text(encoding="utf-8"))
         assert table["thresholds"] == pytest.approx(expected, abs=1e-12)
         for d in DIAGNOSES:
             entry = table["cases"]["test000"][d]
@@ -123,7 +123,7 @@ def _write_model(results: Path, name: str, task: str, dice: float = None, probs=
             (fdir / "validation" / "diagnoses.csv").write_text("\n".join(lines) + "\n")
         (fdir / "validation" / "summary.json").write_text(json.dumps(summary))
     (results / name / "dataset.json").write_text((results.parent.parent / "raw" / results.name /
-                                                  "dataset.json").read_text())
+                                                  "dataset.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture()
@@ -155,7 +155,7 @@ def test_best_model_per_task_and_thresholds_from_the_diagnosis_model(fake_result
     from inference.model_selection import resolve_models
     assert find_best_configuration_cli(["-d", "972", "-f", "0", "1"]) == 0
     printed = capsys.readouterr().out
-    instr = json.loads((fake_results["results"] / "inference_instructions.json").read_text())
+    instr = json.loads((fake_results["results"] / "inference_instructions.json").read_text(encoding="utf-8"))
     assert [(m["folder"], m["roles"]) for m in instr["models"]] == [
         ("SegTrainer__orthoPlans__3d_fullres", ["seg"]), ("DiagTrainer__orthoPlans__3d_fullres", ["diag"])]
     good = fake_results["good"]

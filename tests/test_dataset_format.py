@@ -114,7 +114,7 @@ def test_centers(knee):
 
 def test_per_view_channel_names_and_ignore_label(tmp_path):
     root = write_tiny_dataset(tmp_path / "Dataset103_X", n_train=1, n_test=0)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     meta["channel_names"] = {"sagittal": {"0": "PD_FS"}, "coronal": {"0": "T1"}, "axial": {"0": "T2_FS"}}
     meta["labels"] = dict(LABELS, ignore=3)
     (root / "dataset.json").write_text(json.dumps(meta))
@@ -125,7 +125,7 @@ def test_per_view_channel_names_and_ignore_label(tmp_path):
 
 def test_all_dataset_json_problems_in_one_error(tmp_path):
     root = write_tiny_dataset(tmp_path / "Dataset104_X", n_train=1, n_test=0)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     meta.update(segmentation_view="oblique", labels={"background": 0, "bone": 2}, numTraining=-1)
     (root / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(OrthoError) as info:
@@ -138,7 +138,7 @@ def test_all_dataset_json_problems_in_one_error(tmp_path):
 
 def test_orthonet_keys_without_views_is_an_error(tmp_path):
     root = write_tiny_dataset(tmp_path / "Dataset105_X", n_train=1, n_test=0)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     del meta["views"]
     (root / "dataset.json").write_text(json.dumps(meta))
     _, errors, _ = parse_dataset_json_detailed(root)
@@ -165,7 +165,7 @@ def test_plain_nnunet_dataset_loads_as_one_view_named_image(plain):
 def test_nnunet_dataset_json_with_nnunet_extras_is_accepted(plain, tmp_path):
     import shutil
     root = Path(shutil.copytree(plain, tmp_path / "Dataset102_Plain"))
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     meta.update(description="from nnU-Net", reference="x", licence="CC0", release="1.0",
                 overwrite_image_reader_writer="SimpleITKIO", converted_by="me", my_own_key=1)
     (root / "dataset.json").write_text(json.dumps(meta))
@@ -179,7 +179,7 @@ def test_nnunet_dataset_json_with_nnunet_extras_is_accepted(plain, tmp_path):
 def test_nnunet_region_labels_are_reported(plain, tmp_path):
     import shutil
     root = Path(shutil.copytree(plain, tmp_path / "Dataset102_Plain"))
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     meta["labels"] = {"background": 0, "whole": [1, 2], "core": 2}
     (root / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(OrthoError, match="region"):
@@ -190,7 +190,7 @@ def test_nnunet_region_labels_are_reported(plain, tmp_path):
 # the documentation's examples are valid
 # ------------------------------------------------------------------------------------------------------------
 def test_documented_example_is_valid(tmp_path):
-    text = DOC.read_text()
+    text = DOC.read_text(encoding="utf-8")
     blocks = re.findall(r"```json\n(.*?)```", text, re.S)
     meta = json.loads(blocks[0])
     fenced = re.findall(r"^```[a-z]*\n(.*?)^```", text, re.S | re.M)

@@ -123,7 +123,7 @@ def test_cli_writes_summary_and_figures(evalset, capsys):
     out = pred / "eval" / "summary.json"
     assert evaluate_main(["-ref", str(spec.root / "labelsTs"), "-pred", str(pred), "-d", "904",
                           "-o", str(out)]) == 0
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     assert "NaN" not in text and "Infinity" not in text        # strict JSON
     summary = json.loads(text)
     assert summary["segmentation"]["mean"]["bone"]["dice"] == pytest.approx(0.75)
@@ -166,20 +166,20 @@ def test_diagnoses_csv_round_trip_with_std_and_review(tmp_path):
     assert rows[0].review and rows[0].review_flags == {"x": True, "y": False}     # 0.02 from its threshold
     assert rows[1].review and rows[1].review_flags["y"]                           # wide ensemble spread
     write_diagnoses_csv(tmp_path / "diagnoses.csv", rows, ["x", "y"])
-    lines = (tmp_path / "diagnoses.csv").read_text().splitlines()
+    lines = (tmp_path / "diagnoses.csv").read_text(encoding="utf-8").splitlines()
     assert lines[0] == "case_id,x_prob,x,x_std,y_prob,y,y_std,review"
     assert lines[1] == "k1,0.520000,1,0.010000,0.100000,0,0.020000,1"
     back = read_diagnoses_csv(tmp_path / "diagnoses.csv", ["x", "y"])
     assert back["k2"].probabilities == {"x": 0.9, "y": 0.35} and back["k2"].decisions == {"x": 1, "y": 1}
     write_diagnoses_json(tmp_path / "diagnoses.json", rows, ["x", "y"], {"x": 0.5, "y": 0.3})
-    j = json.loads((tmp_path / "diagnoses.json").read_text())
+    j = json.loads((tmp_path / "diagnoses.json").read_text(encoding="utf-8"))
     assert j["cases"]["k1"]["x"] == {"probability": 0.52, "positive": 1, "threshold": 0.5, "std": 0.01,
                                      "review": True}
 
 
 def test_diagnoses_csv_without_std_has_no_review_column(tmp_path):
     write_diagnoses_csv(tmp_path / "d.csv", [make_case_diagnoses("k", {"x": 0.7}, {})], ["x"])
-    assert (tmp_path / "d.csv").read_text().splitlines() == ["case_id,x_prob,x", "k,0.700000,1"]
+    assert (tmp_path / "d.csv").read_text(encoding="utf-8").splitlines() == ["case_id,x_prob,x", "k,0.700000,1"]
     (tmp_path / "bad.csv").write_text("case_id,x_prob,x\nk,high,1\n")
     with pytest.raises(OrthoError, match="'x_prob' holds 'high'"):
         read_diagnoses_csv(tmp_path / "bad.csv", ["x"])

@@ -140,7 +140,7 @@ def test_saliency_has_the_view_geometry_and_points_at_the_lesion(lesion_model, t
         assert enrichment > 5.0, (case, measured)                 # chance level is 1
         assert distance <= FEATURE_VOXEL_DIAGONAL_MM, (case, measured)
     assert np.median([m[3] for m in positives.values()]) <= 6.0 + 1e-6, measured   # one feature voxel in-plane
-    info = json.loads((out / "prediction_info.json").read_text())
+    info = json.loads((out / "prediction_info.json").read_text(encoding="utf-8"))
     assert info["selection"]["models"][0]["folds"] == ["all"]
     assert (out / "pos0_overview.png").stat().st_size > 10_000
 

@@ -24,12 +24,12 @@ def test_nnunet_dataset_end_to_end(tmp_path, monkeypatch):
     from training.cli import train_cli
     assert verify_cli(["-d", "961"]) == 0
     assert plan_and_preprocess_cli(["-d", "961", "-np", "1"]) == 0
-    plans = json.loads((tmp_path / "preprocessed" / "Dataset961_Plain" / "plans.json").read_text())
+    plans = json.loads((tmp_path / "preprocessed" / "Dataset961_Plain" / "plans.json").read_text(encoding="utf-8"))
     assert list(plans["views"]) == ["image"]
     assert train_cli(["961", "3d_fullres", "0", "--epochs", "1", "--iterations-per-epoch", "3",
                       "--val-iterations", "1", "--num-workers", "0", "--device", "cpu"]) == 0
     fold = tmp_path / "results" / "Dataset961_Plain" / "SegTrainer__orthoPlans__3d_fullres" / "fold_0"
-    assert json.loads((fold / "validation" / "summary.json").read_text())["segmentation"]["dice"].keys() == \
+    assert json.loads((fold / "validation" / "summary.json").read_text(encoding="utf-8"))["segmentation"]["dice"].keys() == \
         {"bone", "cartilage"}
     # predict two training images as if they were new (nnU-Net naming in, nnU-Net naming out)
     inp = tmp_path / "in"
@@ -47,7 +47,7 @@ def test_nnunet_dataset_end_to_end(tmp_path, monkeypatch):
         np.testing.assert_allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-5)
         assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2}
     assert evaluate_cli(["-ref", str(root / "labelsTr"), "-pred", str(out), "-d", "961"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert sorted(summary["segmentation"]["per_case"]) == ["pat_000", "pat_001"]
     assert not list(Path(out).glob("*_image.nii.gz"))
     assert os.path.isfile(out / "report.html")

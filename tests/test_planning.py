@@ -270,7 +270,7 @@ def test_fingerprint_of_oblique_anisotropic_dataset(tmp_path, monkeypatch):
     raw, pre = tmp_path / "raw", tmp_path / "pre"
     write_oblique_aniso_dataset(raw / "Dataset962_Obl", n_train=4, n_unlabeled=0)
     assert run_cli(["-d", "962", "--no-pp", "-np", "1"], raw, pre, monkeypatch) == 0
-    fp = json.loads((pre / "Dataset962_Obl" / "fingerprint.json").read_text())
+    fp = json.loads((pre / "Dataset962_Obl" / "fingerprint.json").read_text(encoding="utf-8"))
     sag = fp["views"]["sagittal"]
     assert sag["num_cases"] == 4 and sag["case_ids"] == ["k000", "k001", "k002", "k003"]
     # thick axis stored on numpy axis 1 for the sagittal view
@@ -303,7 +303,7 @@ def test_plans_transfer_keeps_topology(tmp_path, monkeypatch):
     src, dst = load_plans(pre / "Dataset963_Src"), load_plans(pre / "Dataset964_Dst")
     assert dst["transferred_from"]["dataset_name"] == "Dataset963_Src"
     own = DefaultPlanner(load_dataset(raw / "Dataset964_Dst"),
-                         json.loads((pre / "Dataset964_Dst" / "fingerprint.json").read_text()), 8).plan()
+                         json.loads((pre / "Dataset964_Dst" / "fingerprint.json").read_text(encoding="utf-8")), 8).plan()
     for view in src["views"]:
         s, d = src["views"][view], dst["views"][view]
         assert set(s["configurations"]) == set(d["configurations"])
@@ -315,7 +315,7 @@ def test_plans_transfer_keeps_topology(tmp_path, monkeypatch):
             "spacing"] != s["configurations"]["3d_fullres"]["spacing"]
         assert d["normalization"]["per_channel"]["0"]["mean"] > 2 * s["normalization"]["per_channel"]["0"]["mean"]
     # preprocessed with the target spacing
-    props = json.loads((pre / "Dataset964_Dst" / "orthoPlans_3d_fullres" / "k000_sagittal.json").read_text())
+    props = json.loads((pre / "Dataset964_Dst" / "orthoPlans_3d_fullres" / "k000_sagittal.json").read_text(encoding="utf-8"))
     assert props["target_spacing"] == dst["views"]["sagittal"]["configurations"]["3d_fullres"]["spacing"]
 
 
@@ -339,7 +339,7 @@ def test_existing_plans_are_kept_and_conflicts_named(tmp_path, monkeypatch):
     write_tiny_dataset(raw / "Dataset967_Keep", n_train=2, n_test=0, views=["sagittal"])
     assert run_cli(["-d", "967", "--no-pp", "-np", "1"], raw, pre, monkeypatch) == 0
     path = pre / "Dataset967_Keep" / "orthoPlans.json"
-    plans = json.loads(path.read_text())
+    plans = json.loads(path.read_text(encoding="utf-8"))
     plans["views"]["sagittal"]["configurations"]["3d_fullres"]["batch_size"] = 7
     path.write_text(json.dumps(plans, indent=2))
     assert run_cli(["-d", "967", "--no-pp", "-np", "1"], raw, pre, monkeypatch) == 0
@@ -357,7 +357,7 @@ def test_broken_plans_file_gives_clear_error(tmp_path, monkeypatch):
     write_tiny_dataset(raw / "Dataset968_Bad", n_train=2, n_test=0, views=["sagittal"])
     assert run_cli(["-d", "968", "--no-pp", "-np", "1"], raw, pre, monkeypatch) == 0
     path = pre / "Dataset968_Bad" / "orthoPlans.json"
-    plans = json.loads(path.read_text())
+    plans = json.loads(path.read_text(encoding="utf-8"))
     del plans["views"]["sagittal"]["configurations"]["3d_fullres"]["spacing"]
     path.write_text(json.dumps(plans))
     with pytest.raises(OrthoError, match="'3d_fullres' lacks 'spacing'"):
@@ -393,9 +393,9 @@ def test_base_features_option_narrows_the_network(tmp_path, monkeypatch):
         monkeypatch.setenv(f"ORTHO_{kind}", str(tmp_path / kind))
     write_tiny_dataset(tmp_path / "raw" / "Dataset962_Narrow", n_train=4, n_test=0)
     assert main(["-d", "962", "-np", "1", "--no-pp"]) == 0
-    wide = json.loads((tmp_path / "preprocessed" / "Dataset962_Narrow" / "plans.json").read_text())
+    wide = json.loads((tmp_path / "preprocessed" / "Dataset962_Narrow" / "plans.json").read_text(encoding="utf-8"))
     assert main(["-d", "962", "-np", "1", "--no-pp", "--overwrite", "--base-features", "8"]) == 0
-    narrow = json.loads((tmp_path / "preprocessed" / "Dataset962_Narrow" / "plans.json").read_text())
+    narrow = json.loads((tmp_path / "preprocessed" / "Dataset962_Narrow" / "plans.json").read_text(encoding="utf-8"))
     for view in wide["views"]:
         w = wide["views"][view]["configurations"]["3d_fullres"]["network"]["kwargs"]
         n = narrow["views"][view]["configurations"]["3d_fullres"]["network"]["kwargs"]

@@ -82,7 +82,7 @@ def test_probabilities_and_saliency_files(main_run):
     assert probs.shape == (3, *sitk.GetArrayFromImage(ref).shape) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)
     assert np.array_equal(np.argmax(probs, 0), seg)
-    meta = json.loads((out / "test000_sagittal.json").read_text())
+    meta = json.loads((out / "test000_sagittal.json").read_text(encoding="utf-8"))
     assert meta["class_names"] == ["background", "bone", "cartilage"]
     np.testing.assert_allclose(meta["geometry"]["direction"], ref.GetDirection(), atol=1e-6)
     for view in VIEWS:  # --explain: one map per view and diagnosis, on that view's own grid
@@ -99,12 +99,12 @@ def test_probabilities_and_saliency_files(main_run):
 def test_diagnoses_tables_with_ensemble_spread(main_run):
     from inference.diagnoses_table import read_diagnoses_csv
     out = main_run["output"]
-    header = (out / "diagnoses.csv").read_text().splitlines()[0].split(",")
+    header = (out / "diagnoses.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
     assert header == ["case_id", "lesion_a_prob", "lesion_a", "lesion_a_std", "lesion_b_prob", "lesion_b",
                       "lesion_b_std", "review"]
     rows = read_diagnoses_csv(out / "diagnoses.csv", ["lesion_a", "lesion_b"])
     assert sorted(rows) == PREDICTED                       # every predicted case, the broken one is not there
-    table = json.loads((out / "diagnoses.json").read_text())
+    table = json.loads((out / "diagnoses.json").read_text(encoding="utf-8"))
     assert table["thresholds"] == {"lesion_a": 0.5, "lesion_b": 0.5}    # no cross-validated thresholds yet
     for case, row in rows.items():
         for d in ("lesion_a", "lesion_b"):
@@ -118,7 +118,7 @@ def test_diagnoses_tables_with_ensemble_spread(main_run):
 
 def test_problems_are_reported_per_case(main_run, capsys):
     out = main_run["output"]
-    problems = json.loads((out / "problems.json").read_text())
+    problems = json.loads((out / "problems.json").read_text(encoding="utf-8"))
     assert problems["num_cases"] == 6 and problems["num_predicted"] == 5
     assert problems["not_predicted"] == ["broken"]
     cases = problems["cases"]
@@ -129,7 +129,7 @@ def test_problems_are_reported_per_case(main_run, capsys):
     assert any("degraded" in n for n in cases["test002"]["notes"])
     assert any("segmentation view 'sagittal'" in p for p in cases["noseg"]["problems"])
     assert "test000" not in cases and "test001" not in cases
-    log = (out / "predict_log.txt").read_text()
+    log = (out / "predict_log.txt").read_text(encoding="utf-8")
     assert "broken: NOT PREDICTED" in log and "done: 5 of 6 case(s) predicted" in log
     for case in PREDICTED:
         assert (out / f"{case}_overview.png").stat().st_size > 10_000
@@ -188,9 +188,9 @@ def test_rerun_overwrites_cleanly(main_run, models, tmp_path):
                   "test000_axial_saliency_lesion_a.nii.gz"):
         assert not (out / stale).exists(), stale
     assert (out / "test000_overview.png").exists()
-    assert (out / "diagnoses.csv").read_text().splitlines()[1].startswith("test000,")
-    assert len((out / "diagnoses.csv").read_text().splitlines()) == 2
-    assert "lesion_a_std" not in (out / "diagnoses.csv").read_text()      # one fold: no spread column
+    assert (out / "diagnoses.csv").read_text(encoding="utf-8").splitlines()[1].startswith("test000,")
+    assert len((out / "diagnoses.csv").read_text(encoding="utf-8").splitlines()) == 2
+    assert "lesion_a_std" not in (out / "diagnoses.csv").read_text(encoding="utf-8")      # one fold: no spread column
     assert not list(out.glob(".*.tmp*"))                                   # no temporary files left behind
 
 
@@ -200,7 +200,7 @@ def test_no_case_predicted_exits_nonzero(models, tmp_path):
     (inp / "bad_sagittal_0000.nii.gz").write_bytes(b"garbage")
     code = _predict(["-i", inp, "-o", tmp_path / "out", "-d", models["id"], "-f", "0", "--no-progress"])
     assert code == 1
-    assert json.loads((tmp_path / "out" / "problems.json").read_text())["not_predicted"] == ["bad"]
+    assert json.loads((tmp_path / "out" / "problems.json").read_text(encoding="utf-8"))["not_predicted"] == ["bad"]
 
 
 def test_missing_model_is_a_clear_error(models, tmp_path, capsys):
@@ -303,7 +303,7 @@ def test_segmentation_only_nnunet_dataset_with_the_default_model(tmp_path):
                               sitk.ReadImage(str(inp / f"{case}_0000.nii.gz")))
             assert (out / f"{case}_overview.png").exists()
         assert not (out / "diagnoses.csv").exists()
-        info = json.loads((out / "prediction_info.json").read_text())
+        info = json.loads((out / "prediction_info.json").read_text(encoding="utf-8"))
         assert info["selection"]["source"] == "default" and list(info["roles"]) == ["seg"]
         assert _report_cases(out / "report.html").summary_cases == ["pat_000", "pat_001"]
 

@@ -201,7 +201,7 @@ def test_determinism_rerun_skip_and_overwrite(tmp_path, monkeypatch):
     stamps = {p: p.stat().st_mtime_ns for p in (a / "orthoPlans_3d_fullres").iterdir()}
     assert run_cli(["-d", "973", "-np", "1"], raw, pre_a, monkeypatch) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
-    assert "0 preprocessed, 12 up to date" in (a / "plan_and_preprocess_log.txt").read_text()
+    assert "0 preprocessed, 12 up to date" in (a / "plan_and_preprocess_log.txt").read_text(encoding="utf-8")
     # --overwrite redoes every case
     assert run_cli(["-d", "973", "-np", "1", "--overwrite"], raw, pre_a, monkeypatch) == 0
     assert all(p.stat().st_mtime_ns != t for p, t in stamps.items())
@@ -214,7 +214,7 @@ def test_edited_plan_is_honoured(tmp_path, monkeypatch):
     folder = pre / "Dataset974_Edit" / "orthoPlans_3d_fullres"
     before = storage.load_case(folder, "case000", "sagittal")[2]["shape_after_resampling"]
     path = pre / "Dataset974_Edit" / "orthoPlans.json"
-    plans = json.loads(path.read_text())
+    plans = json.loads(path.read_text(encoding="utf-8"))
     cfg = plans["views"]["sagittal"]["configurations"]["3d_fullres"]
     cfg["spacing"] = [s / 2 for s in cfg["spacing"]]
     cfg["patch_size"] = [16, 48, 48]

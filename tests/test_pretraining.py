@@ -126,7 +126,7 @@ def test_training_loss_falls_and_files_are_written(trained):
     for name in ("encoder.pt", "loss.png", "log.txt"):
         assert (trained / name).is_file() and (trained / name).stat().st_size > 0, name
     assert not (trained / "checkpoint_latest.pt").exists(), "latest is removed once the final checkpoint exists"
-    log = (trained / "log.txt").read_text()
+    log = (trained / "log.txt").read_text(encoding="utf-8")
     assert "6 cases (imagesTr + imagesUnlabeled)" in log and "patches/s" in log
     for f in ("checkpoint_final.pt", "encoder.pt"):
         torch.load(trained / f, weights_only=True)  # loadable by strangers

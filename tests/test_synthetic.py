@@ -282,7 +282,7 @@ def test_dataset_folder_is_complete_and_loads(tmp_path):
     # test ground truth for evaluation; no labels for unlabeled cases
     assert sorted(p.name for p in (root / "labelsTs").iterdir()) == [
         "knee_test_000_sagittal.nii.gz", "knee_test_001_sagittal.nii.gz"]
-    assert (root / "diagnosesTs.csv").read_text().splitlines()[0] == "case_id," + ",".join(model.diagnoses)
+    assert (root / "diagnosesTs.csv").read_text(encoding="utf-8").splitlines()[0] == "case_id," + ",".join(model.diagnoses)
     assert not (root / "labelsUnlabeled").exists()
     # files are exactly generate_case(seed of the case): adding cases cannot change earlier ones
     first = generate_case("knee", case_seed(7, "Tr", 0), size="tiny", center=0)

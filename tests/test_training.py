@@ -73,7 +73,7 @@ def test_each_task_trains_and_validates(multiview, task):
     out = trainer.output_dir
     for name in ("checkpoint_final.pt", "checkpoint_latest.pt", "progress.png", "log.txt", "run_config.json"):
         assert (out / name).is_file(), name
-    saved = json.loads((out / "validation" / "summary.json").read_text())
+    saved = json.loads((out / "validation" / "summary.json").read_text(encoding="utf-8"))
     assert saved["cases"] == trainer.val_cases
     if task in ("seg", "multitask"):
         assert "segmentation" in summary and set(summary["segmentation"]["dice"]) == {"bone", "cartilage"}
@@ -153,7 +153,7 @@ def test_label_fraction_and_splits_are_deterministic(multiview):
     c = DiagTrainer(_options(multiview, task="diag", label_fraction=0.5))
     c.configure_data()
     assert a.keep_labels <= c.keep_labels
-    splits = json.loads((Path(os.environ["ORTHO_preprocessed"]) / multiview / "splits_final.json").read_text())
+    splits = json.loads((Path(os.environ["ORTHO_preprocessed"]) / multiview / "splits_final.json").read_text(encoding="utf-8"))
     assert len(splits) == 5 and sorted(sum((s["val"] for s in splits), [])) == [f"case{i:03d}" for i in range(12)]
 
 
@@ -178,7 +178,7 @@ def test_ignore_label_is_excluded(env):
     """Half of each label map is marked 'ignore': the network never sees that value as a class (CE would fail on
     it) and training still learns from the annotated half."""
     root = write_tiny_dataset(env / "raw" / "Dataset953_Sparse", n_train=6, n_test=0, views=["sagittal"])
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     meta["labels"]["ignore"] = 3
     (root / "dataset.json").write_text(json.dumps(meta))
     for f in (root / "labelsTr").glob("*.nii.gz"):
@@ -209,7 +209,7 @@ def test_resume_after_kill(multiview):
     progress = out / "progress.json"
     try:
         while time.time() < deadline:
-            if progress.is_file() and len(json.loads(progress.read_text())["epochs"]) >= 2:
+            if progress.is_file() and len(json.loads(progress.read_text(encoding="utf-8"))["epochs"]) >= 2:
                 break
             assert proc.poll() is None, "training ended before it could be killed"
             time.sleep(0.2)
@@ -219,14 +219,14 @@ def test_resume_after_kill(multiview):
         if proc.poll() is None:
             proc.kill()
     assert not (out / "checkpoint_final.pt").exists()
-    done_before = len(json.loads(progress.read_text())["epochs"])
+    done_before = len(json.loads(progress.read_text(encoding="utf-8"))["epochs"])
     assert 2 <= done_before < 4
     resumed = subprocess.run(cmd + ["--c"], cwd=REPO, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     import re
-    resumed_at = re.findall(r"resumed from checkpoint_latest.pt at epoch (\d+)", (out / "log.txt").read_text())
+    resumed_at = re.findall(r"resumed from checkpoint_latest.pt at epoch (\d+)", (out / "log.txt").read_text(encoding="utf-8"))
     assert len(resumed_at) == 1 and done_before <= int(resumed_at[0]) < 4, resumed_at
-    epochs = [r["epoch"] for r in json.loads(progress.read_text())["epochs"]]
+    epochs = [r["epoch"] for r in json.loads(progress.read_text(encoding="utf-8"))["epochs"]]
     assert epochs == [0, 1, 2, 3]
     ckpt = torch.load(out / "checkpoint_final.pt", weights_only=True)
     assert ckpt["step"] == 4 * 3
@@ -266,7 +266,7 @@ def test_ddp_two_processes_on_cpu(multiview):
     assert run.returncode == 0, run.stderr[-3000:]
     out = Path(os.environ["ORTHO_results"]) / multiview / "SegTrainer__orthoPlans__3d_fullres" / "fold_2"
     assert (out / "checkpoint_final.pt").is_file()
-    assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
+    assert json.loads((out / "run_config.json").read_text(encoding="utf-8"))["world_size"] == 2
 
 
 def test_validation_only_and_loss_weights(multiview):
@@ -277,11 +277,11 @@ def test_validation_only_and_loss_weights(multiview):
             "--val-iterations", "1", "--num-workers", "0", "--device", "cpu", "--loss-weights", "0.5", "2"]
     assert train_main(base) == 0
     out = Path(os.environ["ORTHO_results"]) / multiview / "MultitaskTrainer__orthoPlans__3d_fullres" / "fold_3"
-    first = json.loads((out / "validation" / "summary.json").read_text())
+    first = json.loads((out / "validation" / "summary.json").read_text(encoding="utf-8"))
     stamp = (out / "checkpoint_final.pt").stat().st_mtime_ns
     (out / "validation" / "summary.json").unlink()
     assert train_main(base + ["--val"]) == 0
-    again = json.loads((out / "validation" / "summary.json").read_text())
+    again = json.loads((out / "validation" / "summary.json").read_text(encoding="utf-8"))
     assert (out / "checkpoint_final.pt").stat().st_mtime_ns == stamp
     assert again["segmentation"]["dice"] == first["segmentation"]["dice"]
     assert again["diagnosis"]["auc"] == first["diagnosis"]["auc"]

@@ -393,7 +393,7 @@ def test_workers_stay_at_most_num_cached_batches_ahead(store, tmp_path):
     with BatchLoader(source, num_workers=2, seed=0, num_cached=2) as loader:
         next(loader)
         time.sleep(1.0)
-        made = len(log.read_text().splitlines())
+        made = len(log.read_text(encoding="utf-8").splitlines())
     # one batch taken: worker 0 may have made 2 + 1, worker 1 2 -> at most 5 (unbounded it would be hundreds)
     assert 4 <= made <= 5
 

@@ -79,7 +79,7 @@ def test_make_splits_few_cases():
 def test_load_or_create_splits_stores_once_and_warns(tmp_path):
     diag = _diagnoses(20)
     first = load_or_create_splits(tmp_path, diag, diag)
-    stored = json.loads((tmp_path / "splits_final.json").read_text())
+    stored = json.loads((tmp_path / "splits_final.json").read_text(encoding="utf-8"))
     assert stored == first and len(first) == 5
     # a second call with other inputs reuses the file (users may edit it), warning about the differences
     with pytest.warns(UserWarning) as rec:
@@ -353,12 +353,12 @@ def test_progress_logger_persists_resumes_and_plots(tmp_path):
         log.log_epoch(e, train_loss=1.0 - 0.1 * e, val_loss=1.1 - 0.1 * e, lr=0.01 * (1 - e / 3), epoch_time=2.0,
                       dice={"bone": 0.5 + 0.1 * e, "cartilage": float("nan")}, auc={"lesion_a": 0.6 + 0.05 * e})
     log.log("epoch 2 done")
-    data = json.loads((tmp_path / "progress.json").read_text())
+    data = json.loads((tmp_path / "progress.json").read_text(encoding="utf-8"))
     assert [r["epoch"] for r in data["epochs"]] == [0, 1, 2]
     assert data["epochs"][2]["dice"] == {"bone": pytest.approx(0.7), "cartilage": None}  # NaN stored as null
     png = (tmp_path / "progress.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert "epoch 2 done" in (tmp_path / "log.txt").read_text()
+    assert "epoch 2 done" in (tmp_path / "log.txt").read_text(encoding="utf-8")
     # resume after a kill: the checkpoint was from epoch 1, so epoch 2 is redone
     again = ProgressLogger(tmp_path, console=False)
     assert again.series("train_loss")[1] == pytest.approx([1.0, 0.9, 0.8])

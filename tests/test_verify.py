@@ -64,7 +64,7 @@ def rewrite_image(path: Path, array_fn: Optional[Callable] = None, **geometry) -
 
 
 def edit_json(root: Path, fn: Callable[[dict], None]) -> None:
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     fn(meta)
     (root / "dataset.json").write_text(json.dumps(meta, indent=2))
 
