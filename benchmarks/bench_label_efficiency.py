@@ -35,6 +35,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--pretrain-steps", type=int, default=400)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--iterations-per-epoch", type=int, default=25)
+    p.add_argument("--base-features", type=int, default=None,
+                   help="U-Net width of the first stage passed to the planner (default: the planner's 32)")
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1])
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -70,7 +72,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         _call(make_synthetic, ["--joint", "knee", "-d", d, "--train", str(args.train), "--test", str(args.test),
                                "--unlabeled", str(args.unlabeled), "--seed", str(args.seed), "--size", args.size,
                                "--quiet"])
-        _call(plan_and_preprocess_cli, ["-d", d, "-c", "3d_fullres"])
+    if not (work / "preprocessed" / "Dataset101_Knee" / "orthoPlans.json").is_file():
+        _call(plan_and_preprocess_cli, ["-d", d, "-c", "3d_fullres"]
+              + (["--base-features", str(args.base_features)] if args.base_features else []))
     timings["data"] = time.time() - start
     t = time.time()
     _call(pretrain_cli, [d, "3d_fullres", "--steps", str(args.pretrain_steps), "--device", args.device, "--c"])
