@@ -452,3 +452,25 @@ def test_cross_view_bottleneck_fusion_starts_as_identity():
     assert not torch.allclose(changed, no_others, atol=1e-3)
     with pytest.raises(ValueError, match="affines"):
         model(x)
+
+
+@pytest.mark.parametrize("head", ["fusion", "view"])
+def test_diagnosis_mlps_cannot_die(head):
+    """A loss spike under SGD momentum 0.99 once pushed every hidden unit of the fusion MLP negative, so the head
+    gave identical probabilities for every exam. With the hidden LayerNorm no bias can silence the layer."""
+    from orthonet.networks import ConcatMLPFusion, ViewDiagnosisHead
+
+    torch.manual_seed(0)
+    if head == "fusion":
+        module = ConcatMLPFusion({"sagittal": 12, "coronal": 12}, n_diagnoses=3, d_model=8, hidden=16, dropout=0.0)
+        first = module.mlp[0]
+        run = lambda x: module({"sagittal": x, "coronal": x.flip(1)})  # noqa: E731
+    else:
+        module = ViewDiagnosisHead(12, n_diagnoses=3, hidden=16, dropout=0.0)
+        first = module.net[1]
+        run = module
+    with torch.no_grad():
+        first.bias.fill_(-100.0)                       # what the collapsed run looked like: all pre-activations < 0
+    x = torch.randn(4, 12)
+    logits = run(x)
+    assert logits.std(dim=0).min() > 1e-3              # still a function of the input, exam by exam

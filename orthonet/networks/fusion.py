@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from orthonet.networks.heads import normalized_mlp
+
 
 def presence_masks(views: Sequence[str], pooled: Dict[str, torch.Tensor],
                    present: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
@@ -44,7 +46,7 @@ def _check_views(views: Sequence[str], pooled: Dict[str, torch.Tensor]) -> None:
 
 class ConcatMLPFusion(nn.Module):
     """Per-view LayerNorm + Linear to ``d_model``, concatenation (missing views -> learned token) with presence
-    flags, then an MLP to ``n_diagnoses`` logits."""
+    flags, then an MLP (:func:`normalized_mlp`, which cannot die) to ``n_diagnoses`` logits."""
 
     def __init__(self, view_dims: Dict[str, int], n_diagnoses: int, d_model: int = 128, hidden: int = 256,
                  dropout: float = 0.2):
@@ -54,8 +56,7 @@ class ConcatMLPFusion(nn.Module):
                                    for v, d in view_dims.items()})
         self.missing = nn.ParameterDict({v: nn.Parameter(torch.randn(d_model) * 0.02) for v in self.views})
         n = len(self.views)
-        self.mlp = nn.Sequential(nn.Linear(n * d_model + n, hidden), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, n_diagnoses))
+        self.mlp = normalized_mlp(n * d_model + n, hidden, n_diagnoses, dropout)
 
     def forward(self, pooled: Dict[str, torch.Tensor], present: Optional[Dict[str, torch.Tensor]] = None
                 ) -> torch.Tensor:
