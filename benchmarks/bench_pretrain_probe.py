@@ -436,7 +436,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "dense_probe": dense, "diagnoses": names, "prevalence": [round(float(v), 3) for v in labels.mean(0)],
               "markdown": table, "total_s": round(time.time() - t_all, 1)}
     runs = previous.get("runs", []) + [record]
-    result_path.write_text(json.dumps({"pretraining": pretraining, "runs": runs, "latest": record}, indent=2))
+    result_path.write_text(json.dumps({"pretraining": pretraining, "runs": runs, "latest": record}, indent=2),
+                           encoding="utf-8")
     print(f"[done] {record['total_s']} s; results in {result_path}", flush=True)
     return 0
 
