@@ -55,7 +55,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--size", default="small")
     p.add_argument("--seed", type=int, default=0, help="dataset seed")
     p.add_argument("--views", nargs="+", default=["sagittal"])
-    p.add_argument("--steps", type=int, default=3000, help="pretraining steps per view (600 did not separate the probes)")
+    p.add_argument("--steps", type=int, default=3000,
+                   help="pretraining steps per view (600 did not separate the probes)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--features", default="8,16,32,64,128", help="features per stage of the benchmark plans")

@@ -90,8 +90,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     first_case = sorted(p.name.split("_sagittal")[0] for p in (raw / "labelsTr").glob("*_sagittal.nii.gz"))[0]
     _run("3. look at one case", "ortho_show", show_cli, ["-d", d, "-c", first_case, "-o", str(out / "case.png")],
          timings)
-    plan_args = ["-d", d, "--overwrite", "--base-features", str(args.base_features)] + (["-gpu_memory_target", str(args.gpu_memory_target)]
-                                            if args.gpu_memory_target else [])
+    plan_args = ["-d", d, "--overwrite", "--base-features", str(args.base_features)]
+    if args.gpu_memory_target:
+        plan_args += ["-gpu_memory_target", str(args.gpu_memory_target)]
     _run("4. fingerprint, plan and preprocess", "ortho_plan_and_preprocess", plan_and_preprocess_cli, plan_args,
          timings)
     _run("5. self-supervised diffusion pretraining, one model per view", "ortho_pretrain", pretrain_cli,
