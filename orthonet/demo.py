@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", type=int, default=24, help="unlabeled cases (pretraining only)")
     p.add_argument("--size", default="tiny", choices=["tiny", "small", "default"], help="synthetic image size")
     p.add_argument("--pretrain-steps", type=int, default=500, help="diffusion steps per view")
-    p.add_argument("--epochs", type=int, default=24)
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--iterations-per-epoch", type=int, default=25)
     p.add_argument("--base-features", type=int, default=16,
                    help="U-Net width of the first stage (nnU-Net: 32); the demo halves it so CPUs finish in minutes")
