@@ -283,40 +283,36 @@ def macro_auc(scores: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float) -> Tuple[np.ndarray, np.ndarray]:
-    """Multi-label logistic regression (one independent output per label), mean BCE + l2/2 |W|^2, LBFGS."""
+def _fit_linear(x: np.ndarray, target, n_out: int, loss_fn, l2: float, **lbfgs) -> Tuple[np.ndarray, np.ndarray]:
+    """Linear model ``x @ W + b`` minimising ``loss_fn(logits, target) + l2/2 |W|^2`` with LBFGS (float64)."""
     import torch
-    X, Y = torch.from_numpy(x), torch.from_numpy(y)
-    W = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=100, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+    X = torch.from_numpy(x)
+    W = torch.zeros(x.shape[1], n_out, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_out, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, line_search_fn="strong_wolfe", **lbfgs)
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(X @ W + b, Y) + 0.5 * l2 * (W * W).sum()
+        loss = loss_fn(X @ W + b, target) + 0.5 * l2 * (W * W).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
     return W.detach().numpy(), b.detach().numpy()
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Multi-label logistic regression (one independent output per label), mean BCE + l2/2 |W|^2, LBFGS."""
+    import torch
+    return _fit_linear(x, torch.from_numpy(y), y.shape[1], torch.nn.functional.binary_cross_entropy_with_logits, l2,
+                       max_iter=100, tolerance_grad=1e-6)
 
 
 def fit_softmax(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float) -> Tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression (dense anatomy probe), mean cross-entropy + l2/2 |W|^2, LBFGS."""
     import torch
-    X, Y = torch.from_numpy(x), torch.from_numpy(y).long()
-    W = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(X @ W + b, Y) + 0.5 * l2 * (W * W).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return W.detach().numpy(), b.detach().numpy()
+    return _fit_linear(x, torch.from_numpy(y).long(), n_classes, torch.nn.functional.cross_entropy, l2,
+                       max_iter=200)
 
 
 def standardise(train: np.ndarray, test: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
