@@ -1,9 +1,10 @@
 """Label efficiency: what diffusion pretraining buys at 100 % and 10 % of the labels (issue 5's evidence).
 
-On a synthetic knee dataset with unlabeled scans: pretrain one diffusion model per view, then train fold 0 of the
-multitask model (segmentation + diagnosis) four times — label fraction 1.0 and 0.1, each from scratch and from the
-pretrained encoders — and report mean Dice and macro AUC of the fold's full-volume validation (and, with
-``--test``, of the held-out test exams). Results go to docs/benchmarks.md (section ``bench_label_efficiency``).
+On a synthetic knee dataset with unlabeled scans: pretrain one diffusion model per view, then train fold 0 with each
+trainer of ``--trainers`` (default: the multitask model, segmentation + diagnosis) at every label fraction (1.0 and
+0.1), each from scratch and from the pretrained encoders, and report mean Dice and macro AUC of the fold's
+full-volume validation. ``--trainers MultitaskTrainer MultitaskTrainerDiffusionFeatures`` adds the frozen-feature
+trainers. Results go to docs/benchmarks.md (section ``bench_label_efficiency``).
 
     python benchmarks/bench_label_efficiency.py            # ~40-60 min on 2 CPU cores
     python benchmarks/bench_label_efficiency.py --quick    # a smoke run of the whole path (minutes)
@@ -38,6 +39,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--base-features", type=int, default=None,
                    help="U-Net width of the first stage passed to the planner (default: the planner's 32)")
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1])
+    p.add_argument("--task", default="multitask", choices=["seg", "diag", "multitask"])
+    p.add_argument("--trainers", nargs="+", default=None,
+                   help="trainer classes to compare (default: the task's default trainer)")
+    p.add_argument("--val-iterations", type=int, default=None, help="online validation batches per epoch")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the path, not the claim")
@@ -77,26 +82,34 @@ def main(argv: Optional[List[str]] = None) -> int:
               + (["--base-features", str(args.base_features)] if args.base_features else []))
     timings["data"] = time.time() - start
     t = time.time()
-    _call(pretrain_cli, [d, "3d_fullres", "--steps", str(args.pretrain_steps), "--device", args.device, "--c"])
+    from training.trainers import DEFAULT_TRAINER_FOR_TASK
+    trainers = args.trainers or [DEFAULT_TRAINER_FOR_TASK[args.task]]
+    # segmentation alone needs only the segmentation view's denoiser
+    views = ["-v", "sagittal"] if args.task == "seg" else []
+    _call(pretrain_cli, [d, "3d_fullres", "--steps", str(args.pretrain_steps), "--device", args.device, "--c"] + views)
     timings["pretraining"] = time.time() - t
     results = []
     for fraction in args.fractions:
-        for pretrained in ("none", "auto"):
-            t = time.time()
-            _call(train_cli, [d, "3d_fullres", "0", "--task", "multitask", "--label-fraction", str(fraction),
-                              "--pretrained", pretrained, "--epochs", str(args.epochs), "--iterations-per-epoch",
-                              str(args.iterations_per_epoch), "--device", args.device, "--seed", str(args.seed)])
-            folder = "MultitaskTrainer__orthoPlans__3d_fullres" + (f"__lf{fraction:g}" if fraction < 1 else "") + \
-                     ("__scratch" if pretrained == "none" else "")
-            fold = work / "results" / "Dataset101_Knee" / folder / "fold_0"
-            summary = json.loads((fold / "validation" / "summary.json").read_text(encoding="utf-8"))
-            run = json.loads((fold / "run_config.json").read_text(encoding="utf-8"))
-            results.append({"fraction": fraction, "init": "pretrained" if pretrained == "auto" else "scratch",
-                            "labelled": len(run["labelled_training_cases"]), "val_cases": len(summary["cases"]),
-                            "mean_dice": summary.get("segmentation", {}).get("mean_dice"),
-                            "macro_auc": summary.get("diagnosis", {}).get("macro_auc"),
-                            "minutes": (time.time() - t) / 60})
-            print(results[-1], flush=True)
+        for trainer in trainers:
+            for pretrained in ("none", "auto"):
+                t = time.time()
+                _call(train_cli, [d, "3d_fullres", "0", "-tr", trainer, "--task", args.task, "--label-fraction",
+                                  str(fraction), "--pretrained", pretrained, "--epochs", str(args.epochs),
+                                  "--iterations-per-epoch", str(args.iterations_per_epoch), "--device", args.device,
+                                  "--seed", str(args.seed)]
+                      + (["--val-iterations", str(args.val_iterations)] if args.val_iterations else []))
+                folder = f"{trainer}__orthoPlans__3d_fullres" + (f"__lf{fraction:g}" if fraction < 1 else "") + \
+                         ("__scratch" if pretrained == "none" else "")
+                fold = work / "results" / "Dataset101_Knee" / folder / "fold_0"
+                summary = json.loads((fold / "validation" / "summary.json").read_text(encoding="utf-8"))
+                run = json.loads((fold / "run_config.json").read_text(encoding="utf-8"))
+                results.append({"fraction": fraction, "trainer": trainer,
+                                "init": "pretrained" if pretrained == "auto" else "scratch",
+                                "labelled": len(run["labelled_training_cases"]), "val_cases": len(summary["cases"]),
+                                "mean_dice": summary.get("segmentation", {}).get("mean_dice"),
+                                "macro_auc": summary.get("diagnosis", {}).get("macro_auc"),
+                                "minutes": (time.time() - t) / 60})
+                print(results[-1], flush=True)
     (work / "results.json").write_text(json.dumps({"args": vars(args), "results": results,
                                                    "timings_s": timings}, indent=2))
     if not args.no_write and not args.quick:
@@ -108,29 +121,36 @@ def _f(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def _diff(a, b) -> str:
+    return "n/a" if a is None or b is None else f"{a - b:+.3f}"
+
+
 def report(args, results: List[Dict], timings: Dict[str, float]) -> str:
-    rows = "\n".join(f"| {r['fraction']:g} ({r['labelled']} cases) | {r['init']} | {_f(r['mean_dice'])} | "
-                     f"{_f(r['macro_auc'])} | {r['minutes']:.1f} |" for r in results)
-    by = {(r["fraction"], r["init"]): r for r in results}
+    rows = "\n".join(f"| {r['fraction']:g} ({r['labelled']} cases) | {r['trainer']} | {r['init']} | "
+                     f"{_f(r['mean_dice'])} | {_f(r['macro_auc'])} | {r['minutes']:.1f} |" for r in results)
+    by = {(r["fraction"], r["trainer"], r["init"]): r for r in results}
     lines = []
     for f in args.fractions:
-        s, p = by.get((f, "scratch")), by.get((f, "pretrained"))
-        if s and p:
-            lines.append(f"- label fraction {f:g}: pretrained - scratch = Dice {p['mean_dice'] - s['mean_dice']:+.3f}"
-                         f", macro AUC {p['macro_auc'] - s['macro_auc']:+.3f}")
+        for trainer in sorted({r["trainer"] for r in results}):
+            s, p = by.get((f, trainer, "scratch")), by.get((f, trainer, "pretrained"))
+            if s and p:
+                lines.append(f"- label fraction {f:g}, {trainer}: pretrained - scratch = Dice "
+                             f"{_diff(p['mean_dice'], s['mean_dice'])}, macro AUC "
+                             f"{_diff(p['macro_auc'], s['macro_auc'])}")
     return f"""## Label efficiency: diffusion-pretrained vs scratch at 100 % and 10 % labels
 
 - Date: {_dt.date.today().isoformat()}; machine: {machine_line()}.
 - Data: synthetic knees (`{args.size}` preset), {args.train} training cases, {args.unlabeled} unlabeled cases
   (pretraining only), seed {args.seed}; fold 0 (validation on its held-out fifth of the training cases).
-- Pretraining: {args.pretrain_steps} diffusion steps per view ({timings['pretraining'] / 60:.1f} min for the three views).
-- Training: MultitaskTrainer (segmentation + diagnosis), {args.epochs} epochs x {args.iterations_per_epoch} iterations,
-  the same seed for every run.
+- Pretraining: {args.pretrain_steps} diffusion steps per view ({timings['pretraining'] / 60:.1f} min in all).
+- Training: task `{args.task}`, trainers {', '.join(sorted({r['trainer'] for r in results}))}, {args.epochs} epochs x
+  {args.iterations_per_epoch} iterations, the same seed for every run.
 - Command: `python benchmarks/bench_label_efficiency.py --size {args.size} --train {args.train} --unlabeled {args.unlabeled}
-  --pretrain-steps {args.pretrain_steps} --epochs {args.epochs} --iterations-per-epoch {args.iterations_per_epoch}`
+  --pretrain-steps {args.pretrain_steps} --epochs {args.epochs} --iterations-per-epoch {args.iterations_per_epoch}
+  --task {args.task} --trainers {' '.join(sorted({r['trainer'] for r in results}))}`
 
-| labels | initialisation | mean Dice | macro AUC | minutes |
-|---|---|---|---|---|
+| labels | trainer | initialisation | mean Dice | macro AUC | minutes |
+|---|---|---|---|---|---|
 {rows}
 
 {chr(10).join(lines)}

@@ -474,3 +474,48 @@ def test_diagnosis_mlps_cannot_die(head):
     x = torch.randn(4, 12)
     logits = run(x)
     assert logits.std(dim=0).min() > 1e-3              # still a function of the input, exam by exam
+
+
+# ------------------------------------------------------------------------------------------------ pyramid head
+@pytest.mark.parametrize("name", list(SPECS))
+def test_pyramid_head_segments_at_input_resolution_and_trains_everything(name):
+    from orthonet.networks import PyramidSegmentationHead
+    model = SegmentationModel({"sagittal": SPECS[name]}, {"sagittal": 1}, "sagittal", num_classes=3,
+                              seg_head="pyramid")
+    assert model.decoder is None and isinstance(model.pyramid, PyramidSegmentationHead)
+    assert {k.split(".")[0] for k in model.state_dict()} == {"encoders", "pyramid"}
+    y = model(_x(name))
+    assert tuple(y.shape) == (2, 3) + SHAPES[name]
+    y.square().mean().backward()
+    # every parameter is in the graph (DNA's residual blocks start with a zero-initialised last norm, so some
+    # encoder gradients are exactly zero at initialisation); the head's are all non-zero
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in model.pyramid.parameters())
+
+
+def test_pyramid_head_is_a_function_of_every_level():
+    """Changing any one encoder level changes the output: no level is dropped on the way up."""
+    from orthonet.networks import PyramidSegmentationHead
+    torch.manual_seed(0)
+    head = PyramidSegmentationHead([4, 8, 16], num_classes=2, dims=3).eval()
+    skips = [torch.randn(1, 4, 8, 16, 16), torch.randn(1, 8, 4, 8, 8), torch.randn(1, 16, 2, 4, 4)]
+    base = head(skips)
+    for i in range(3):
+        changed = [s.clone() for s in skips]
+        changed[i] += 1.0 * torch.randn_like(changed[i])
+        assert not torch.allclose(head(changed), base), i
+    assert tuple(head(skips, size=(16, 32, 32)).shape) == (1, 2, 16, 32, 32)
+    with pytest.raises(ValueError, match="levels"):
+        head(skips[:2])
+
+
+def test_pyramid_head_options_are_checked_and_multitask_uses_it():
+    specs, channels = _multiview_specs()
+    with pytest.raises(ValueError, match="deep_supervision"):
+        SegmentationModel(specs, channels, "sagittal", num_classes=3, deep_supervision=True, seg_head="pyramid")
+    with pytest.raises(ValueError, match="seg_head"):
+        SegmentationModel(specs, channels, "sagittal", num_classes=3, seg_head="fpn")
+    model = MultiTaskModel(specs, channels, "sagittal", num_classes=3, n_diagnoses=4, seg_head="pyramid")
+    out = model(_multiview_inputs())
+    assert tuple(out["seg"].shape) == (2, 3, 8, 16, 16) and out["logits"].shape == (2, 4)
+    assert tuple(model.segment(_multiview_inputs()["sagittal"]).shape) == (2, 3, 8, 16, 16)

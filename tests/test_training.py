@@ -108,14 +108,14 @@ def test_diagnosis_learns(single_view):
     assert summary["diagnosis"]["auc"]["lesion_a"] > 0.75, summary["diagnosis"]
 
 
-def test_pretrained_encoder_is_loaded(multiview, tmp_path):
+def _write_pretrained(dataset: str, folder: Path):
+    """Denoiser-format encoder.pt files (random weights, FiLM folded at t = 100) for every view of ``dataset``;
+    returns {view: encoder state dict}."""
     from orthonet.fileio import load_json
     from orthonet.networks import DiffusionUNet
     from orthonet.paths import preprocessed_root
     from training.pretrained import save_encoder_file
-    from training.trainers import MultitaskTrainer
-    plans = load_json(preprocessed_root() / multiview / "orthoPlans.json")
-    folder = tmp_path / "Pretrain__orthoPlans__3d_fullres"
+    plans = load_json(preprocessed_root() / dataset / "orthoPlans.json")
     expected = {}
     for view in plans["views"]:
         spec = plans["views"][view]["configurations"]["3d_fullres"]["network"]
@@ -127,8 +127,15 @@ def test_pretrained_encoder_is_loaded(multiview, tmp_path):
         enc = den.encoder_state_dict(t=100)
         expected[view] = enc
         save_encoder_file(folder / view / "encoder.pt", encoder_state_dict=enc, decoder_state_dict=den.decoder_state_dict(100),
-                          view=view, dataset_name=multiview, plans_name="orthoPlans", configuration="3d_fullres",
+                          view=view, dataset_name=dataset, plans_name="orthoPlans", configuration="3d_fullres",
                           network=spec, input_channels=1, feature_timestep=100, prediction_type="epsilon", steps=1)
+    return expected
+
+
+def test_pretrained_encoder_is_loaded(multiview, tmp_path):
+    from training.trainers import MultitaskTrainer
+    folder = tmp_path / "Pretrain__orthoPlans__3d_fullres"
+    expected = _write_pretrained(multiview, folder)
     trainer = MultitaskTrainer(_options(multiview, pretrained=str(folder)))
     trainer.setup()
     for view, enc in expected.items():
@@ -289,3 +296,47 @@ def test_validation_only_and_loss_weights(multiview):
     from training.trainers import MultitaskTrainer
     t = MultitaskTrainer(TrainOptions(multiview, "3d_fullres", 3, loss_weights=(0.5, 2.0), device="cpu"))
     assert (t.seg_loss_weight, t.diag_loss_weight) == (0.5, 2.0)
+
+
+def test_diffusion_features_trainer_keeps_pretrained_encoders_frozen_and_resumes(multiview, tmp_path):
+    """-tr MultitaskTrainerDiffusionFeatures: pretrained encoders load and never change, the pyramid and diagnosis
+    heads train, final validation segments through the pyramid head, and --c rebuilds the same optimizer."""
+    from training.trainers import get_trainer_class
+    folder = tmp_path / "Pretrain__orthoPlans__3d_fullres"
+    expected = _write_pretrained(multiview, folder)
+    cls = get_trainer_class("MultitaskTrainerDiffusionFeatures", "multitask")
+    trainer = cls(_options(multiview, task="multitask", fold=2, pretrained=str(folder), epochs=2))
+    summary = trainer.run()
+    model = trainer.model
+    assert model.decoder is None and model.pyramid is not None
+    assert sorted(trainer.frozen_views) == sorted(expected)
+    for view, enc in expected.items():
+        state = model.encoders[view].state_dict()
+        for k, v in enc.items():
+            assert torch.equal(state[k[len("encoder."):]].cpu(), v), (view, k)      # untouched by training
+    assert all(not p.requires_grad for p in model.encoders.parameters())
+    trained = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert trained and all(p.requires_grad for p in trained)
+    assert {g["name"] for g in trainer.optimizer.param_groups} == {"new"}
+    assert set(summary["segmentation"]["dice"]) == {"bone", "cartilage"} and "diagnosis" in summary
+    config = json.loads((trainer.output_dir / "run_config.json").read_text(encoding="utf-8"))
+    assert config["model_config"]["seg_head"] == "pyramid"
+    assert sorted(config["pretrained"]["frozen_encoders"]) == sorted(expected)
+    # resume (as after a kill): the encoders are frozen again from the checkpoint, so the optimizer state fits
+    resumed = cls(_options(multiview, task="multitask", fold=2, pretrained=str(folder), epochs=3,
+                           continue_training=True, final_validation=False))
+    resumed.run()
+    assert sorted(resumed.frozen_views) == sorted(expected)
+    ckpt = torch.load(resumed.output_dir / "checkpoint_final.pt", weights_only=True)
+    assert ckpt["step"] == 3 * 2 and ckpt["extra"]["frozen_encoders"] == sorted(expected)
+
+
+def test_pyramid_head_segmentation_learns_from_scratch(single_view):
+    """Without pretrained weights nothing is frozen and the pyramid-head network learns end to end."""
+    from training.trainers import SegTrainerDiffusionFeatures
+    trainer = SegTrainerDiffusionFeatures(_options(single_view, task="seg", epochs=4, iterations_per_epoch=10,
+                                                   val_iterations=2, pretrained="none"))
+    summary = trainer.run()
+    assert trainer.frozen_views == []
+    dice = summary["segmentation"]["dice"]
+    assert dice["bone"] > 0.6, dice

@@ -34,6 +34,7 @@ class ModelConfig:
     levels: Optional[List[int]] = None
     fuse_views: bool = False
     head_kwargs: Dict = field(default_factory=dict)
+    seg_head: str = "unet"          # 'unet' | 'pyramid' (orthonet.networks.SEG_HEADS)
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -65,13 +66,14 @@ def build_model(plans: Dict, cfg: ModelConfig) -> nn.Module:
     specs = {v: network_spec(plans, v, cfg.configuration) for v in cfg.views}
     if cfg.task == "seg":
         return SegmentationModel(specs, cfg.channels_by_view, cfg.segmentation_view, cfg.num_classes,
-                                 deep_supervision=cfg.deep_supervision, fuse_views=cfg.fuse_views)
+                                 deep_supervision=cfg.deep_supervision, fuse_views=cfg.fuse_views,
+                                 seg_head=cfg.seg_head)
     if cfg.task == "diag":
         return MultiViewDiagnosisModel(specs, cfg.channels_by_view, cfg.n_diagnoses, fusion=cfg.fusion,
                                        levels=cfg.levels, **cfg.head_kwargs)
     return MultiTaskModel(specs, cfg.channels_by_view, cfg.segmentation_view, cfg.num_classes, cfg.n_diagnoses,
                           deep_supervision=cfg.deep_supervision, fusion=cfg.fusion, levels=cfg.levels,
-                          fuse_views=cfg.fuse_views, **cfg.head_kwargs)
+                          fuse_views=cfg.fuse_views, seg_head=cfg.seg_head, **cfg.head_kwargs)
 
 
 def has_segmentation(cfg: ModelConfig) -> bool:

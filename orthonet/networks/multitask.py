@@ -17,8 +17,13 @@ from orthonet.networks.build import (build_encoder, build_network, cumulative_st
                                      resolve_network_kwargs)
 from orthonet.networks.cross_view import CrossViewBottleneckFusion, feature_affine
 from orthonet.networks.diagnosis import DiagnosisHead, LevelsArg, levels_by_view
+from orthonet.networks.pyramid_head import PyramidSegmentationHead
 
 Inputs = Union[torch.Tensor, Dict[str, torch.Tensor]]
+
+#: Segmentation heads: the plan's U-Net decoder, or a per-voxel MLP on all encoder levels
+#: (:class:`~orthonet.networks.pyramid_head.PyramidSegmentationHead`, for frozen pretrained features).
+SEG_HEADS = ("unet", "pyramid")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,18 +133,30 @@ class _SegmentationBase(nn.Module):
 
     def _build_segmentation(self, specs_by_view: Dict[str, Dict], channels_by_view: Dict[str, int], seg_view: str,
                             num_classes: int, deep_supervision: bool, fuse_views: bool,
-                            encoder_views: Sequence[str]) -> None:
+                            encoder_views: Sequence[str], seg_head: str = "unet") -> None:
         if seg_view not in specs_by_view:
             raise ValueError(f"segmentation view '{seg_view}' has no network spec (have {list(specs_by_view)})")
+        if seg_head not in SEG_HEADS:
+            raise ValueError(f"seg_head must be one of {SEG_HEADS}, got '{seg_head}'")
+        if seg_head == "pyramid" and deep_supervision:
+            raise ValueError("the pyramid head has a single full-resolution output: use deep_supervision=False")
         self.seg_view = seg_view
+        self.seg_head = seg_head
         self.specs_by_view = dict(specs_by_view)
         net = build_network(specs_by_view[seg_view], channels_by_view[seg_view], num_classes, deep_supervision)
         encoders = {}
         for v in encoder_views:
             encoders[v] = net.encoder if v == seg_view else build_encoder(specs_by_view[v], channels_by_view[v])
         self.encoders = nn.ModuleDict(encoders)
-        self.decoder = net.decoder
-        _freeze_unused_seg_layers(self.decoder)
+        self.decoder: Optional[nn.Module] = None
+        self.pyramid: Optional[PyramidSegmentationHead] = None
+        if seg_head == "unet":
+            self.decoder = net.decoder
+            _freeze_unused_seg_layers(self.decoder)
+        else:
+            spec = specs_by_view[seg_view]
+            dims = 3 if resolve_network_kwargs(spec)["conv_op"].__name__.endswith("3d") else 2
+            self.pyramid = PyramidSegmentationHead(encoder_output_channels(spec), num_classes, dims=dims)
         self.fuse_views = bool(fuse_views)
         self.cross_view: Optional[CrossViewBottleneckFusion] = None
         if fuse_views:
@@ -162,6 +179,10 @@ class _SegmentationBase(nn.Module):
                       if v != self.seg_view and v in affines}
             seg_skips[-1] = self.cross_view(seg_skips[-1], self.bottleneck_affine(self.seg_view,
                                                                                   affines[self.seg_view]), others)
+        if self.pyramid is not None:
+            first = cumulative_strides(self.specs_by_view[self.seg_view])[0]
+            size = [int(n) * int(s) for n, s in zip(seg_skips[0].shape[2:], first)]
+            return self.pyramid(seg_skips, size)
         return self.decoder(seg_skips)
 
     def segment(self, inputs: Inputs, affines: Optional[Dict[str, object]] = None):
@@ -185,6 +206,9 @@ class _SegmentationBase(nn.Module):
 class SegmentationModel(_SegmentationBase):
     """The plan's U-Net for the segmentation view with orthonet's naming (``encoders.<view>``, ``decoder``).
 
+    ``seg_head="pyramid"`` replaces the decoder by a per-voxel MLP on all encoder levels (``pyramid.*``; see
+    :mod:`orthonet.networks.pyramid_head`); it has one output, so ``deep_supervision`` must be False.
+
     ``forward(inputs)`` takes the segmentation view's tensor (or ``{view: tensor}``) and returns DNA's output
     (a tensor, or a list of tensors from high to low resolution with deep supervision). With ``fuse_views`` the
     other views' encoders run too and their bottlenecks are sampled into the segmentation view's grid:
@@ -192,11 +216,11 @@ class SegmentationModel(_SegmentationBase):
     """
 
     def __init__(self, specs_by_view: Dict[str, Dict], channels_by_view: Dict[str, int], seg_view: str,
-                 num_classes: int, deep_supervision: bool = False, fuse_views: bool = False):
+                 num_classes: int, deep_supervision: bool = False, fuse_views: bool = False, seg_head: str = "unet"):
         super().__init__()
         views = list(specs_by_view) if fuse_views else [seg_view]
         self._build_segmentation(specs_by_view, channels_by_view, seg_view, num_classes, deep_supervision,
-                                 fuse_views, views)
+                                 fuse_views, views, seg_head)
 
     def forward(self, inputs: Inputs, affines: Optional[Dict[str, object]] = None):
         inputs = self._as_dict(inputs)
@@ -216,10 +240,10 @@ class MultiTaskModel(_SegmentationBase):
 
     def __init__(self, specs_by_view: Dict[str, Dict], channels_by_view: Dict[str, int], seg_view: str,
                  num_classes: int, n_diagnoses: int, deep_supervision: bool = False, fusion: str = "concat",
-                 levels: LevelsArg = None, fuse_views: bool = False, **head_kwargs):
+                 levels: LevelsArg = None, fuse_views: bool = False, seg_head: str = "unet", **head_kwargs):
         super().__init__()
         self._build_segmentation(specs_by_view, channels_by_view, seg_view, num_classes, deep_supervision,
-                                 fuse_views, list(specs_by_view))
+                                 fuse_views, list(specs_by_view), seg_head)
         self.levels = levels_by_view(specs_by_view, levels)
         level_channels = {v: [encoder_output_channels(s)[i] for i in self.levels[v]]
                           for v, s in specs_by_view.items()}

@@ -8,6 +8,8 @@ from typing import Dict, Optional, Type
 from orthonet.errors import OrthoError
 from training.trainers.base import BaseTrainer
 from training.trainers.diagnosis import DiagTrainer
+from training.trainers.diffusion_features import (DiagTrainerDiffusionFeatures, MultitaskTrainerDiffusionFeatures,
+                                                  SegTrainerDiffusionFeatures)
 from training.trainers.multitask import MultitaskTrainer
 from training.trainers.segmentation import SegTrainer
 
@@ -21,7 +23,8 @@ def register_trainer(cls: Type[BaseTrainer]) -> Type[BaseTrainer]:
     return cls
 
 
-for _cls in (SegTrainer, DiagTrainer, MultitaskTrainer):
+for _cls in (SegTrainer, DiagTrainer, MultitaskTrainer, SegTrainerDiffusionFeatures, DiagTrainerDiffusionFeatures,
+             MultitaskTrainerDiffusionFeatures):
     register_trainer(_cls)
 
 
@@ -52,5 +55,6 @@ def get_trainer_class(name: Optional[str], task: Optional[str] = None) -> Type[B
     return cls
 
 
-__all__ = ["BaseTrainer", "SegTrainer", "DiagTrainer", "MultitaskTrainer", "TRAINERS", "register_trainer",
+__all__ = ["BaseTrainer", "SegTrainer", "DiagTrainer", "MultitaskTrainer", "SegTrainerDiffusionFeatures",
+           "DiagTrainerDiffusionFeatures", "MultitaskTrainerDiffusionFeatures", "TRAINERS", "register_trainer",
            "get_trainer_class", "DEFAULT_TRAINER_FOR_TASK"]

@@ -53,6 +53,8 @@ class BaseTrainer:
     deep_supervision: bool = True
     best_score_smoothing: float = 0.9          # nnU-Net's EMA of the validation score for checkpoint_best
     load_pretrained_decoder: bool = True
+    freeze_pretrained_encoders: bool = False   # keep loaded encoders fixed (features as pretrained, no warm-up)
+    seg_head: str = "unet"                     # 'unet' (the plan's decoder) | 'pyramid' (per-voxel MLP on all levels)
     fusion_head_kwargs: Dict = {}
 
     def __init__(self, options: TrainOptions):
@@ -81,6 +83,7 @@ class BaseTrainer:
         self.best_score: Optional[float] = None
         self.smoothed_score: Optional[float] = None
         self.pretrained_report: Dict = {}
+        self.frozen_views: List[str] = []
 
     # ==================================================================================================
     # configuration
@@ -179,7 +182,7 @@ class BaseTrainer:
                            channels_by_view=channels, num_classes=self.spec.num_classes,
                            n_diagnoses=len(self.spec.diagnoses), deep_supervision=self.deep_supervision,
                            fusion=self.opts.fusion, fuse_views=self.opts.fuse_views,
-                           head_kwargs=dict(self.fusion_head_kwargs))
+                           head_kwargs=dict(self.fusion_head_kwargs), seg_head=self.seg_head)
 
     # ==================================================================================================
     # building blocks (override one to change it)
@@ -216,7 +219,7 @@ class BaseTrainer:
             loaded_names += [prefix + k for k in enc.loaded]
             entry = {"file": str(path), "encoder_tensors": len(enc.loaded), "steps": payload.get("steps")}
             if (self.load_pretrained_decoder and view == self.model_cfg.segmentation_view
-                    and hasattr(model, "decoder") and payload.get("decoder_state_dict")):
+                    and getattr(model, "decoder", None) is not None and payload.get("decoder_state_dict")):
                 dec = load_pretrained_decoder(model, payload["decoder_state_dict"])
                 loaded_names += ["decoder." + k for k in dec.loaded]
                 entry["decoder_tensors"] = len(dec.loaded)
@@ -224,9 +227,30 @@ class BaseTrainer:
             self.log(f"loaded pretrained {view} encoder ({len(enc.loaded)} tensors"
                      f"{', decoder ' + str(entry.get('decoder_tensors')) if 'decoder_tensors' in entry else ''})"
                      f" from {path}")
+        if self.freeze_pretrained_encoders:
+            self.freeze_encoders(model, list(report["views"]))
+            report["frozen_encoders"] = list(self.frozen_views)
+            loaded_names = [n for n in loaded_names if not n.startswith("encoders.")]
         self.pretrained_report = report
-        param_names = {n for n, _ in model.named_parameters()}
+        param_names = {n for n, p in model.named_parameters() if p.requires_grad}
         return [n for n in loaded_names if n in param_names]
+
+    def freeze_encoders(self, model: nn.Module, views: Sequence[str]) -> None:
+        """Stop training the encoders of ``views`` (their parameters leave the optimizer)."""
+        for view in views:
+            model.encoders[view].requires_grad_(False)
+        self.frozen_views = sorted(set(self.frozen_views) | set(views))
+        if views:
+            self.log(f"pretrained encoder(s) frozen: {', '.join(sorted(views))}")
+
+    def _refreeze_for_resume(self, model: nn.Module) -> None:
+        """``--c`` does not reload pretrained weights, so freeze what the interrupted run froze (from its checkpoint)
+        before the optimizer is built: its parameter groups must match the saved optimizer state."""
+        for name in ("checkpoint_latest.pt", "checkpoint_final.pt", "checkpoint_best.pt"):
+            if (self.output_dir / name).is_file():
+                extra = load_checkpoint(self.output_dir / name, map_location="cpu").get("extra") or {}
+                self.freeze_encoders(model, extra.get("frozen_encoders") or [])
+                return
 
     def total_steps(self) -> int:
         return self.num_epochs * self.iterations_per_epoch
@@ -281,6 +305,8 @@ class BaseTrainer:
         self.model_cfg = self.model_config()
         model = self.build_model()
         pretrained = self.load_pretrained(model) if not self.opts.continue_training else []
+        if self.opts.continue_training:
+            self._refreeze_for_resume(model)
         model.to(self.device)
         if self.device.type == "cuda":
             model.to(memory_format=memory_format_for(5 if self.is_3d else 4, self.device))
@@ -320,7 +346,7 @@ class BaseTrainer:
                 "configuration": self.opts.configuration, "fold": str(self.opts.fold),
                 "best_score": self.best_score, "smoothed_score": self.smoothed_score,
                 "num_epochs": self.num_epochs, "iterations_per_epoch": self.iterations_per_epoch,
-                "pretrained": self.pretrained_report.get("source")}
+                "pretrained": self.pretrained_report.get("source"), "frozen_encoders": list(self.frozen_views)}
 
     def save(self, name: str) -> None:
         if self.is_main:
