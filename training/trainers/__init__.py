@@ -9,7 +9,8 @@ from orthonet.errors import OrthoError
 from training.trainers.base import BaseTrainer
 from training.trainers.diagnosis import DiagTrainer
 from training.trainers.diffusion_features import (DiagTrainerDiffusionFeatures, MultitaskTrainerDiffusionFeatures,
-                                                  SegTrainerDiffusionFeatures)
+                                                  MultitaskTrainerPyramid, SegTrainerDiffusionFeatures,
+                                                  SegTrainerPyramid)
 from training.trainers.multitask import MultitaskTrainer
 from training.trainers.segmentation import SegTrainer
 
@@ -23,8 +24,8 @@ def register_trainer(cls: Type[BaseTrainer]) -> Type[BaseTrainer]:
     return cls
 
 
-for _cls in (SegTrainer, DiagTrainer, MultitaskTrainer, SegTrainerDiffusionFeatures, DiagTrainerDiffusionFeatures,
-             MultitaskTrainerDiffusionFeatures):
+for _cls in (SegTrainer, DiagTrainer, MultitaskTrainer, SegTrainerPyramid, MultitaskTrainerPyramid,
+             SegTrainerDiffusionFeatures, DiagTrainerDiffusionFeatures, MultitaskTrainerDiffusionFeatures):
     register_trainer(_cls)
 
 
@@ -55,6 +56,7 @@ def get_trainer_class(name: Optional[str], task: Optional[str] = None) -> Type[B
     return cls
 
 
-__all__ = ["BaseTrainer", "SegTrainer", "DiagTrainer", "MultitaskTrainer", "SegTrainerDiffusionFeatures",
+__all__ = ["BaseTrainer", "SegTrainer", "DiagTrainer", "MultitaskTrainer", "SegTrainerPyramid", "MultitaskTrainerPyramid",
+           "SegTrainerDiffusionFeatures",
            "DiagTrainerDiffusionFeatures", "MultitaskTrainerDiffusionFeatures", "TRAINERS", "register_trainer",
            "get_trainer_class", "DEFAULT_TRAINER_FOR_TASK"]
