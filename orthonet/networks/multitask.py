@@ -22,7 +22,7 @@ from orthonet.networks.pyramid_head import PyramidSegmentationHead
 Inputs = Union[torch.Tensor, Dict[str, torch.Tensor]]
 
 #: Segmentation heads: the plan's U-Net decoder, or a per-voxel MLP on all encoder levels
-#: (:class:`~orthonet.networks.pyramid_head.PyramidSegmentationHead`, for frozen pretrained features).
+#: (:class:`~orthonet.networks.pyramid_head.PyramidSegmentationHead`: for few labels and short schedules).
 SEG_HEADS = ("unet", "pyramid")
 
 

@@ -56,7 +56,7 @@ def get_trainer_class(name: Optional[str], task: Optional[str] = None) -> Type[B
     return cls
 
 
-__all__ = ["BaseTrainer", "SegTrainer", "DiagTrainer", "MultitaskTrainer", "SegTrainerPyramid", "MultitaskTrainerPyramid",
-           "SegTrainerDiffusionFeatures",
+__all__ = ["BaseTrainer", "SegTrainer", "DiagTrainer", "MultitaskTrainer", "SegTrainerPyramid",
+           "MultitaskTrainerPyramid", "SegTrainerDiffusionFeatures",
            "DiagTrainerDiffusionFeatures", "MultitaskTrainerDiffusionFeatures", "TRAINERS", "register_trainer",
            "get_trainer_class", "DEFAULT_TRAINER_FOR_TASK"]
