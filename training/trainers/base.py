@@ -230,9 +230,8 @@ class BaseTrainer:
         if self.freeze_pretrained_encoders:
             self.freeze_encoders(model, list(report["views"]))
             report["frozen_encoders"] = list(self.frozen_views)
-            loaded_names = [n for n in loaded_names if not n.startswith("encoders.")]
         self.pretrained_report = report
-        param_names = {n for n, p in model.named_parameters() if p.requires_grad}
+        param_names = {n for n, p in model.named_parameters() if p.requires_grad}   # frozen ones leave the optimizer
         return [n for n in loaded_names if n in param_names]
 
     def freeze_encoders(self, model: nn.Module, views: Sequence[str]) -> None:
