@@ -3,8 +3,8 @@
 On a synthetic knee dataset with unlabeled scans: pretrain one diffusion model per view, then train fold 0 with each
 trainer of ``--trainers`` (default: the multitask model, segmentation + diagnosis) at every label fraction (1.0 and
 0.1), each from scratch and from the pretrained encoders, and report mean Dice and macro AUC of the fold's
-full-volume validation. ``--trainers MultitaskTrainer MultitaskTrainerDiffusionFeatures`` adds the frozen-feature
-trainers. Results go to docs/benchmarks.md (section ``bench_label_efficiency``).
+full-volume validation. ``--task seg --trainers SegTrainer SegTrainerPyramid`` compares the U-Net with the pyramid
+head (docs/training.md). Results go to docs/benchmarks.md (section ``bench_label_efficiency``).
 
     python benchmarks/bench_label_efficiency.py            # ~40-60 min on 2 CPU cores
     python benchmarks/bench_label_efficiency.py --quick    # a smoke run of the whole path (minutes)
@@ -85,7 +85,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from training.trainers import DEFAULT_TRAINER_FOR_TASK
     trainers = args.trainers or [DEFAULT_TRAINER_FOR_TASK[args.task]]
     # segmentation alone needs only the segmentation view's denoiser
-    views = ["-v", "sagittal"] if args.task == "seg" else []
+    plans = json.loads((work / "preprocessed" / "Dataset101_Knee" / "orthoPlans.json").read_text(encoding="utf-8"))
+    views = ["-v", plans["segmentation_view"]] if args.task == "seg" else []
     _call(pretrain_cli, [d, "3d_fullres", "--steps", str(args.pretrain_steps), "--device", args.device, "--c"] + views)
     timings["pretraining"] = time.time() - t
     results = []

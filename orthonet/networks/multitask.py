@@ -13,8 +13,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from orthonet.networks.build import (build_encoder, build_network, cumulative_strides, encoder_output_channels,
-                                     resolve_network_kwargs)
+from orthonet.networks.build import (build_encoder, build_network, conv_dim, cumulative_strides,
+                                     encoder_output_channels, resolve_network_kwargs)
 from orthonet.networks.cross_view import CrossViewBottleneckFusion, feature_affine
 from orthonet.networks.diagnosis import DiagnosisHead, LevelsArg, levels_by_view
 from orthonet.networks.pyramid_head import PyramidSegmentationHead
@@ -155,8 +155,7 @@ class _SegmentationBase(nn.Module):
             _freeze_unused_seg_layers(self.decoder)
         else:
             spec = specs_by_view[seg_view]
-            dims = 3 if resolve_network_kwargs(spec)["conv_op"].__name__.endswith("3d") else 2
-            self.pyramid = PyramidSegmentationHead(encoder_output_channels(spec), num_classes, dims=dims)
+            self.pyramid = PyramidSegmentationHead(encoder_output_channels(spec), num_classes, dims=conv_dim(spec))
         self.fuse_views = bool(fuse_views)
         self.cross_view: Optional[CrossViewBottleneckFusion] = None
         if fuse_views:

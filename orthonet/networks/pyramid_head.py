@@ -40,7 +40,7 @@ class PyramidSegmentationHead(nn.Module):
         norm = nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d
         self.dims = dims
         self.level_channels = [int(c) for c in level_channels]
-        # one bias for the sum is enough: the per-level projections carry none
+        # no biases: the InstanceNorm right after the sum would remove them (its affine bias is the one that counts)
         self.projections = nn.ModuleList([conv(c, hidden, kernel_size=1, bias=False) for c in self.level_channels])
         self.norm = norm(hidden, affine=True, eps=1e-5)
         self.hidden = conv(hidden, hidden, kernel_size=1)
