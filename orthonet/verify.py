@@ -380,15 +380,41 @@ def default_num_processes() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+class _DeprecatedSpelling(argparse.Action):
+    """A hidden old spelling of an option (``--num_processes``): stores like the new one, says which to use.
+
+    Why: every other command spells long options with hyphens; scripts written for the underscore spelling keep
+    working.
+    """
+
+    def __init__(self, option_strings, dest, new_spelling: str, store_true: bool = False, **kwargs):
+        self.new_spelling, self.store_true = new_spelling, store_true
+        super().__init__(option_strings, dest, nargs=0 if store_true else None, default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated, use {self.new_spelling}", file=sys.stderr)
+        setattr(namespace, self.dest, True if self.store_true else values)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ortho_verify_dataset",
                                      description="Check a raw dataset and report every problem with its file and "
                                                  "fix. Never modifies the dataset. Exit code 1 on any error.")
     parser.add_argument("-d", "--dataset", required=True, help="dataset id (101) or folder name (Dataset101_Knee)")
-    parser.add_argument("-np", "--num_processes", type=int, default=default_num_processes(),
+    parser.add_argument("-np", "--num-processes", type=int, default=default_num_processes(),
                         help="worker processes for the per-case checks (default: %(default)s)")
-    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    # the old underscore spellings: hidden, deprecated aliases
+    parser.add_argument("--num_processes", dest="num_processes", type=int, action=_DeprecatedSpelling,
+                        new_spelling="--num-processes")
+    parser.add_argument("--no_progress", dest="no_progress", action=_DeprecatedSpelling,
+                        new_spelling="--no-progress", store_true=True)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     dataset_dir = raw_dataset_dir(args.dataset)
     report = verify_dataset(dataset_dir, num_processes=args.num_processes, progress=not args.no_progress)
     print(report.format())
