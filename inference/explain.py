@@ -3,8 +3,8 @@
 Method: the Grad-CAM family (Selvaraju et al. 2017) applied per view to the encoder levels the diagnosis head
 pools, in its **HiResCAM** form (Draelos & Carin 2020) by default:
 
-1. The diagnosis model sees the centre crop of each view (:func:`inference.predict_core.center_crop`), exactly as
-   in prediction (no mirroring).
+1. The diagnosis model sees what it sees in prediction (no mirroring): each view's whole volume for whole-exam
+   models, the centre crop (:func:`inference.predict_core.center_crop`) for the old centre-crop models.
 2. For diagnosis d and a pooled encoder level A (C, z, y, x), with G = dlogit_d/dA (the fused logit):
    ``hirescam`` = ReLU(sum_c G_c * A_c) (element-wise); ``gradcam`` = ReLU(sum_c mean(G_c) * A_c) (Grad-CAM's
    channel weights). The map is smoothed with a 3-voxel box filter at feature resolution (max pooling routes each
@@ -23,6 +23,11 @@ phantom (a 6 mm bright sphere, tests/test_explain.py) Grad-CAM's maps were at ch
 uniform map puts into the lesion), HiResCAM on the finest pooled level 14-39x, its peak in or 6 mm (one feature
 voxel) from the lesion; averaging in the coarser levels blurred the map over the whole joint (about 2x).
 Maps are relative (0..1), not probabilities.
+
+Whole-exam models also give their **attention map** (:func:`attention_saliency`): the weights each diagnosis's
+attention-MIL head put on every feature position (:mod:`orthonet.networks.mil`), upsampled to the volume, levels
+averaged. It says where the model *looked* for that diagnosis (HiResCAM says what raised the logit), scaled to a
+maximum of 1 per view and diagnosis.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from inference.predict_core import ArrayLike, LoadedModel, center_crop
+from inference.predict_core import ArrayLike, LoadedModel, _as_tensor, center_crop
 from orthonet.errors import OrthoError
 from orthonet.imageio import Geometry, array_to_image
 from preprocessing.crop import uncrop
@@ -86,17 +91,25 @@ def grad_cam(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike],
     if not views:
         raise OrthoError(f"none of the model's views {loaded.config.views} is available for diagnosis")
     device = loaded.device
-    crops = {v: center_crop(inputs_by_view[v], loaded.patch_size(v))[None].to(device) for v in views}
+    whole = loaded.config.diagnosis_input == "whole"
+    if whole:
+        crops = {v: _as_tensor(inputs_by_view[v]).float()[None].to(device) for v in views}
+    else:
+        crops = {v: center_crop(inputs_by_view[v], loaded.patch_size(v))[None].to(device) for v in views}
     present = {v: torch.ones(1, dtype=torch.bool, device=device) for v in views}
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad(), autocast(device):
-            feats = {}
-            for v in views:
-                skips = encoders[v](crops[v])
-                feats[v] = [skips[i] for i in model_levels[v]]
-            logits = head(feats, present)["logits"][0].float()
+            if whole:
+                feats, masks = model.whole_features(crops, generator=torch.Generator().manual_seed(0))
+                logits = head(feats, present, masks)["logits"][0].float()
+            else:
+                feats = {}
+                for v in views:
+                    skips = encoders[v](crops[v])
+                    feats[v] = [skips[i] for i in model_levels[v]]
+                logits = head(feats, present)["logits"][0].float()
         used = {v: ([_finest(feats[v])] if levels == "finest" else list(range(len(feats[v])))) for v in views}
         flat = [(v, li, feats[v][li]) for v in views for li in used[v]]
         wanted = list(range(logits.shape[0])) if diagnoses is None else [int(d) for d in diagnoses]
@@ -117,8 +130,13 @@ def grad_cam(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike],
                 # the map's peak is the densest cluster of evidence, not an isolated voxel
                 pool = F.avg_pool3d if cam.ndim == 5 else F.avg_pool2d
                 cam = pool(cam, 3, stride=1, padding=1, count_include_pad=False)
-                per_level[used[v].index(li)][v] = F.interpolate(cam, size=tuple(crops[v].shape[2:]),
-                                                                mode="trilinear", align_corners=False)[0, 0]
+                # features of a stride-padded volume cover the padded extent: upsample to it, keep the volume
+                stride = [n * s for n, s in zip(a.shape[2:], _level_stride(model, v, model_levels[v][li]))]
+                size = tuple(max(n, m) for n, m in zip(stride, crops[v].shape[2:])) if whole else \
+                    tuple(crops[v].shape[2:])
+                up = F.interpolate(cam, size=size, mode="trilinear" if cam.ndim == 5 else "bilinear",
+                                   align_corners=False)[0, 0]
+                per_level[used[v].index(li)][v] = up[tuple(slice(0, n) for n in crops[v].shape[2:])]
             total = _combine_levels(per_level, {v: tuple(crops[v].shape[2:]) for v in views}, device)
             peak = max(float(t.max()) for t in total.values())
             for v in views:
@@ -126,6 +144,48 @@ def grad_cam(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike],
     finally:
         model.train(was_training)
     return out
+
+
+def _level_stride(model: torch.nn.Module, view: str, level: int) -> List[int]:
+    from orthonet.networks.build import cumulative_strides
+    return [int(s) for s in cumulative_strides(model.specs_by_view[view])[level]]
+
+
+def attention_saliency(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike]) -> Dict[str, np.ndarray]:
+    """Attention-MIL maps ``{view: (D, *shape)}`` (float32, max 1 per view and diagnosis) of a whole-exam model on
+    each view's whole preprocessed volume; ``{}`` for models without attention-MIL pooling (centre-crop models)."""
+    model = loaded.model
+    if loaded.config.diagnosis_input != "whole" or not hasattr(model, "diagnosis_attention"):
+        return {}
+    views = [v for v in loaded.config.views if v in inputs_by_view]
+    x = {v: _as_tensor(inputs_by_view[v]).float()[None].to(loaded.device) for v in views}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(loaded.device):
+            maps = model.diagnosis_attention(x, generator=torch.Generator().manual_seed(0))
+    except ValueError:        # a head pooled without attention (e.g. pooling=['mean', 'max'])
+        return {}
+    finally:
+        model.train(was_training)
+    out = {}
+    for v, m in maps.items():
+        m = m[0].float().cpu().numpy()
+        n_diag = loaded.config.n_diagnoses
+        out[v] = (m if m.shape[0] == n_diag else np.repeat(m[:1], n_diag, axis=0)).astype(np.float32)
+    return out
+
+
+def ensemble_attention(models: Sequence[LoadedModel], inputs_by_view: Mapping[str, ArrayLike]
+                       ) -> Dict[str, np.ndarray]:
+    """Mean of the members' :func:`attention_saliency` maps (members without attention are skipped)."""
+    total: Dict[str, np.ndarray] = {}
+    count: Dict[str, int] = {}
+    for m in models:
+        for v, a in attention_saliency(m, inputs_by_view).items():
+            total[v] = a if v not in total else total[v] + a
+            count[v] = count.get(v, 0) + 1
+    return {v: total[v] / count[v] for v in total}
 
 
 def ensemble_grad_cam(models: Sequence[LoadedModel], inputs_by_view: Mapping[str, ArrayLike],

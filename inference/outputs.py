@@ -7,7 +7,8 @@ Names (all in OUT):
 * with ``--save-probabilities``: ``{CASE}_{segmentation_view}.npz`` (``probabilities``: float32 (K, z, y, x) softmax
   on the same grid, numpy order) and ``{CASE}_{segmentation_view}.json`` (its geometry and class names), as nnU-Net
   writes ``.npz`` + ``.pkl``;
-* with ``--explain``: ``{CASE}_{VIEW}_saliency_{DIAGNOSIS}.nii.gz`` (float32, 0..1) on each view's original grid;
+* with ``--explain``: ``{CASE}_{VIEW}_saliency_{DIAGNOSIS}.nii.gz`` (float32, 0..1) on each view's original grid,
+  and for whole-exam models ``{CASE}_{VIEW}_attention_{DIAGNOSIS}.nii.gz`` (the attention-MIL map, same grid);
 * ``{CASE}_overview.png`` (see :mod:`inference.overview`).
 
 A rerun first removes every name a case *may* produce, so a case that now fails leaves no stale result behind.
@@ -38,6 +39,10 @@ def saliency_file_name(case_id: str, view: str, diagnosis: str) -> str:
     return f"{case_id}_{view}_saliency_{diagnosis}{OUTPUT_ENDING}"
 
 
+def attention_file_name(case_id: str, view: str, diagnosis: str) -> str:
+    return f"{case_id}_{view}_attention_{diagnosis}{OUTPUT_ENDING}"
+
+
 def overview_file_name(case_id: str) -> str:
     return f"{case_id}_overview.png"
 
@@ -49,6 +54,7 @@ def case_output_names(case_id: str, spec: DatasetSpec) -> List[str]:
         stem = segmentation_stem(case_id, spec)
         names += [stem + OUTPUT_ENDING, stem + ".npz", stem + ".json"]
     names += [saliency_file_name(case_id, v, d) for v in spec.views for d in spec.diagnoses]
+    names += [attention_file_name(case_id, v, d) for v in spec.views for d in spec.diagnoses]
     return names
 
 
@@ -88,6 +94,11 @@ def write_case_outputs(out_dir: Path, prediction, spec: DatasetSpec) -> Dict[str
             name = saliency_file_name(prediction.case_id, view, diagnosis)
             write_image(image, out_dir / name)
             files.setdefault("saliency", []).append(name)
+    for view, maps in getattr(prediction, "attention", {}).items():
+        for diagnosis, image in maps.items():
+            name = attention_file_name(prediction.case_id, view, diagnosis)
+            write_image(image, out_dir / name)
+            files.setdefault("attention", []).append(name)
     return files
 
 

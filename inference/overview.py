@@ -2,7 +2,8 @@
 
 Each used view in the dataset's order (channel 0 on its original grid, millimetre-true aspect), the segmentation
 overlaid on the segmentation view (slice through the predicted structures' centre), with ``--explain`` the
-saliency map of the most probable finding on every view (slice through its peak), and the diagnosis probabilities
+saliency map of the most probable finding on every view (slice through its peak) and, for whole-exam models, a
+second row with that finding's attention-MIL map (where the model looked), and the diagnosis probabilities
 as a bar chart with each diagnosis's decision threshold. Drawing itself is :mod:`orthonet.visualize` (shared with
 ``ortho_show``).
 """
@@ -50,6 +51,15 @@ def render_overview(prediction, images: Mapping[str, Tuple[np.ndarray, Geometry]
         name = view + (f" (saliency: {finding})" if saliency is not None else "")
         panels.append(ViewPanel(name, image, geometry, label=label, saliency=saliency, slice_index=index,
                                 axis=axis))
+    for view in views:
+        attention = getattr(prediction, "attention", {}).get(view, {})
+        if finding is None or finding not in attention:
+            continue
+        image, geometry = images[view]
+        amap = sitk.GetArrayFromImage(attention[finding])
+        axis = slice_axis(geometry)
+        panels.append(ViewPanel(f"{view} (attention: {finding})", image, geometry, saliency=amap,
+                                slice_index=_slice_through_peak(amap, axis), axis=axis))
     probabilities: Optional[Dict[str, float]] = None
     title = prediction.case_id
     if prediction.diagnoses is not None and prediction.diagnoses.probabilities:

@@ -161,11 +161,14 @@ def center_crop(data: ArrayLike, patch: Sequence[int]) -> torch.Tensor:
 
 def diagnosis_logits(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike],
                      mirror_axes: Sequence[int] = (0, 1, 2)) -> np.ndarray:
-    """Fused diagnosis logits (D,) from the views present (centre crop of each view's patch size), averaged over
-    joint mirrorings of all views. Views the model does not know are ignored; missing views degrade gracefully."""
+    """Fused diagnosis logits (D,) from the views present: whole volumes for whole-exam models
+    (:func:`whole_exam_logits`); for the old centre-crop models the centre crop of each view's patch size, averaged
+    over joint mirrorings of all views. Views the model does not know are ignored; missing views degrade gracefully."""
     views = [v for v in loaded.config.views if v in inputs_by_view]
     if not views:
         raise OrthoError(f"none of the model's views {loaded.config.views} is available for diagnosis")
+    if loaded.config.diagnosis_input == "whole":
+        return whole_exam_logits(loaded, {v: inputs_by_view[v] for v in views})
     crops = {v: center_crop(inputs_by_view[v], loaded.patch_size(v))[None].to(loaded.device) for v in views}
     present = {v: torch.ones(1, dtype=torch.bool, device=loaded.device) for v in views}
     ndim = len(next(iter(crops.values())).shape) - 2
@@ -179,6 +182,20 @@ def diagnosis_logits(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike
             out = loaded.model.diagnose(x, present)["logits"].float()
             total = out if total is None else total + out
     return (total / len(combos))[0].cpu().numpy()
+
+
+def whole_exam_logits(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike], seed: int = 0) -> np.ndarray:
+    """Fused logits (D,) of a whole-exam model from each given view's whole preprocessed volume (C, *shape).
+
+    No mirroring test-time augmentation: a flip swaps medial and lateral, and with them the meaning of half the
+    knee's labels. Volumes above the model's ``tile_voxels`` are encoded tile by tile (bounded memory); the
+    diffusion-feature noise (``feature_t``) is drawn from ``seed``, so an exam always gets the same answer."""
+    x = {v: _as_tensor(a).float()[None].to(loaded.device) for v, a in inputs_by_view.items()}
+    present = {v: torch.ones(1, dtype=torch.bool, device=loaded.device) for v in x}
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad(), autocast(loaded.device):
+        out = loaded.model.diagnose(x, present, None, generator=gen)["logits"].float()
+    return out[0].cpu().numpy()
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from inference.diagnoses_table import (CaseDiagnoses, make_case_diagnoses, write_diagnoses_csv,
                                        write_diagnoses_json)
-from inference.explain import ensemble_grad_cam, saliency_images
+from inference.explain import ensemble_attention, ensemble_grad_cam, saliency_images
 from inference.input_discovery import InputCase, discover_inputs, input_case_from_images
 from inference.model_selection import ModelSelection, ModelSpec, resolve_models
 from inference.outputs import clear_case_outputs, first_file, overview_file_name, write_case_outputs
@@ -94,6 +94,7 @@ class CasePrediction:
     diagnoses: Optional[CaseDiagnoses] = None           # probability, decision, ensemble std, review flag
     member_probabilities: Optional[np.ndarray] = None   # (n_members, D) per ensemble member
     saliency: Dict[str, Dict[str, sitk.Image]] = field(default_factory=dict)   # view -> diagnosis -> map
+    attention: Dict[str, Dict[str, sitk.Image]] = field(default_factory=dict)  # whole-exam models' attention-MIL
     problems: List[str] = field(default_factory=list)   # found while predicting (discovery's are in the case)
     notes: List[str] = field(default_factory=list)
 
@@ -292,6 +293,10 @@ class Predictor:
                                          self.settings.explain_levels)
                 pred.saliency = saliency_images(cams, p.properties_by_view(),
                                                 {v: p.views[v].data.shape[1:] for v in cams}, self.spec.diagnoses)
+                attention = ensemble_attention(diag.models, p.data_by_view())
+                pred.attention = saliency_images(attention, p.properties_by_view(),
+                                                 {v: p.views[v].data.shape[1:] for v in attention},
+                                                 self.spec.diagnoses)
         return pred
 
     def _set_segmentation(self, pred: CasePrediction, probabilities: torch.Tensor, properties: Dict) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from orthonet.cli_utils import run_cli
 from orthonet.dataset import parse_dataset_json
@@ -28,6 +28,24 @@ def default_task(dataset_name: str) -> str:
         return "seg"
     raise OrthoError("the dataset declares neither segmentation labels nor diagnoses: nothing to train",
                      preprocessed_root() / dataset_name / "dataset.json")
+
+
+def parse_feature_t(text: Optional[str]) -> Optional[Dict[str, int]]:
+    """``100`` -> {'*': 100}; ``sagittal=100,coronal=50`` -> per view. Timesteps must lie in 0..999."""
+    if text is None:
+        return None
+    out: Dict[str, int] = {}
+    for part in text.split(","):
+        view, _, value = part.rpartition("=")
+        try:
+            t = int(value)
+        except ValueError:
+            raise OrthoError(f"--feature-t: '{part}' is not a timestep",
+                             fix="e.g. --feature-t 100 or --feature-t sagittal=100,coronal=50") from None
+        if not 0 <= t < 1000:
+            raise OrthoError(f"--feature-t: timestep {t} is outside 0..999")
+        out[view.strip() or "*"] = t
+    return out
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -59,8 +77,17 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--fuse-views", action="store_true",
                    help="segmentation: sample the other views' bottleneck features into the segmentation view")
-    p.add_argument("--fusion", choices=["concat", "attention"], default="concat",
-                   help="diagnosis fusion across views (default concat + MLP)")
+    p.add_argument("--fusion", choices=["concat", "attention", "gating"], default="concat",
+                   help="diagnosis fusion across views: concat + MLP (default), cross-view attention, or per-label "
+                        "view gating")
+    p.add_argument("--diagnosis-input", choices=["whole", "crop"], default="whole",
+                   help="what the diagnosis reads: every view's whole volume with attention-MIL pooling (default) "
+                        "or the old centre crop of each view's patch")
+    p.add_argument("--feature-t", default=None, metavar="T|VIEW=T,...",
+                   help="diffusion features: noise each view's input to this timestep (of 1000) before its encoder, "
+                        "e.g. 100 or sagittal=100,coronal=50 (OrthoDiffusion uses 50-200); default: clean input")
+    p.add_argument("--diagnosis-levels", type=int, nargs="+", default=None, metavar="L",
+                   help="encoder levels the diagnosis pools, e.g. -3 -2 -1 (the default: the last three)")
     p.add_argument("--loss-weights", type=float, nargs=2, metavar=("SEG", "DIAG"), default=None,
                    help="multitask: weights of the segmentation and diagnosis losses (default 1 1)")
     p.add_argument("--no-final-validation", action="store_true", help="skip the full-volume validation at the end")
@@ -81,7 +108,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                            val_iterations=args.val_iterations, continue_training=args.continue_training,
                            validation_only=args.validation_only, device=args.device, num_workers=args.num_workers,
                            plans_name=args.plans, seed=args.seed, fuse_views=args.fuse_views, fusion=args.fusion,
-                           final_validation=not args.no_final_validation, loss_weights=args.loss_weights)
+                           final_validation=not args.no_final_validation, loss_weights=args.loss_weights,
+                           diagnosis_input=args.diagnosis_input, feature_t=parse_feature_t(args.feature_t),
+                           diagnosis_levels=args.diagnosis_levels)
     trainer = cls(options)
     trainer.run()
     print(f"results: {trainer.output_dir}")

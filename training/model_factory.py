@@ -16,6 +16,7 @@ from orthonet.networks import MultiTaskModel, MultiViewDiagnosisModel, Segmentat
 from orthonet.networks.build import conv_dim, network_spec
 
 TASKS = ("seg", "diag", "multitask")
+DIAGNOSIS_INPUTS = ("whole", "crop")
 
 
 @dataclass
@@ -35,13 +36,25 @@ class ModelConfig:
     fuse_views: bool = False
     head_kwargs: Dict = field(default_factory=dict)
     seg_head: str = "unet"          # 'unet' | 'pyramid' (orthonet.networks.SEG_HEADS)
+    # 'whole': the diagnosis reads every view's whole volume (attention-MIL); 'crop': the centre-crop model of
+    # checkpoints written before whole-exam diagnosis (their descriptions lack the key, so they load as they were)
+    diagnosis_input: str = "crop"
+    feature_t: Dict[str, Optional[int]] = field(default_factory=dict)   # diffusion-feature timestep per view
 
     def to_dict(self) -> Dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Dict) -> "ModelConfig":
-        return cls(**d)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise OrthoError(f"the model description has fields this orthonet does not know: {unknown}",
+                             fix="predict with the orthonet version that trained the model (or newer)")
+        cfg = cls(**d)
+        if cfg.diagnosis_input not in DIAGNOSIS_INPUTS:
+            raise OrthoError(f"unknown diagnosis_input '{cfg.diagnosis_input}'", fix=f"use one of {DIAGNOSIS_INPUTS}")
+        return cfg
 
 
 def views_for(plans: Dict, configuration: str, task: str) -> List[str]:
@@ -70,10 +83,12 @@ def build_model(plans: Dict, cfg: ModelConfig) -> nn.Module:
                                  seg_head=cfg.seg_head)
     if cfg.task == "diag":
         return MultiViewDiagnosisModel(specs, cfg.channels_by_view, cfg.n_diagnoses, fusion=cfg.fusion,
-                                       levels=cfg.levels, **cfg.head_kwargs)
+                                       levels=cfg.levels, whole_exam=cfg.diagnosis_input == "whole",
+                                       feature_t=cfg.feature_t, **cfg.head_kwargs)
     return MultiTaskModel(specs, cfg.channels_by_view, cfg.segmentation_view, cfg.num_classes, cfg.n_diagnoses,
                           deep_supervision=cfg.deep_supervision, fusion=cfg.fusion, levels=cfg.levels,
-                          fuse_views=cfg.fuse_views, seg_head=cfg.seg_head, **cfg.head_kwargs)
+                          fuse_views=cfg.fuse_views, seg_head=cfg.seg_head,
+                          whole_exam=cfg.diagnosis_input == "whole", feature_t=cfg.feature_t, **cfg.head_kwargs)
 
 
 def has_segmentation(cfg: ModelConfig) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from orthonet.errors import OrthoError
 from orthonet.paths import results_root
@@ -36,6 +36,9 @@ class TrainOptions:
     fusion: str = "concat"
     final_validation: bool = True
     loss_weights: Optional[Tuple[float, float]] = None   # multitask: (segmentation, diagnosis)
+    diagnosis_input: str = "whole"             # whole exams (attention-MIL) | crop (the old centre-crop model)
+    feature_t: Optional[Dict[str, Optional[int]]] = None   # diffusion-feature timestep per view (None: clean)
+    diagnosis_levels: Optional[List[int]] = None            # encoder levels the diagnosis pools (None: last 3)
 
     def __post_init__(self) -> None:
         if str(self.fold) != "all":
@@ -48,6 +51,8 @@ class TrainOptions:
         if not 0.0 < float(self.label_fraction) <= 1.0:
             raise OrthoError(f"--label-fraction must be in (0, 1], got {self.label_fraction}")
         self.label_fraction = float(self.label_fraction)
+        if self.diagnosis_input not in ("whole", "crop"):
+            raise OrthoError(f"--diagnosis-input must be 'whole' or 'crop', got '{self.diagnosis_input}'")
 
     def to_dict(self) -> Dict:
         return asdict(self)

@@ -5,7 +5,10 @@ Both modules take ``pooled: {view: (B, D_view)}`` for the views that were given 
 never breaks the forward pass:
 
 * :class:`ConcatMLPFusion` (default) substitutes a learned per-view 'missing' token and appends presence flags;
-* :class:`CrossViewAttentionFusion` masks the view's token out of the attention.
+* :class:`CrossViewAttentionFusion` masks the view's token out of the attention;
+* :class:`ViewGatingFusion` (per-label view gating) gives each view its own logits and lets each diagnosis learn how
+  much to trust each view (a softmax over the present views, per label): the MCL is best judged on coronal, the
+  ACL on sagittal. A missing view gets gate weight 0.
 
 Missing tokens enter through ``torch.where`` so they are part of every graph: DistributedDataParallel sees all
 parameters used even when no view is missing.
@@ -107,7 +110,42 @@ class CrossViewAttentionFusion(nn.Module):
         return self.out(x[:, 0])
 
 
-FUSIONS = {"concat": ConcatMLPFusion, "attention": CrossViewAttentionFusion}
+class ViewGatingFusion(nn.Module):
+    """Per-label view gating: per view LayerNorm + Linear to ``d_model`` -> GELU -> (logits (D), gate scores (D));
+    the fused logit of diagnosis d is the gate-weighted sum over present views. ``last_gates`` keeps the latest
+    (B, V, D) weights so a report can say which view decided each diagnosis."""
+
+    def __init__(self, view_dims: Dict[str, int], n_diagnoses: int, d_model: int = 128, dropout: float = 0.1):
+        super().__init__()
+        self.views = list(view_dims)
+        self.proj = nn.ModuleDict({v: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d_model), nn.GELU(),
+                                                    nn.Dropout(dropout)) for v, d in view_dims.items()})
+        self.logit = nn.ModuleDict({v: nn.Linear(d_model, n_diagnoses) for v in self.views})
+        self.gate = nn.ModuleDict({v: nn.Linear(d_model, n_diagnoses) for v in self.views})
+        self.last_gates: Optional[torch.Tensor] = None
+
+    def forward(self, pooled: Dict[str, torch.Tensor], present: Optional[Dict[str, torch.Tensor]] = None
+                ) -> torch.Tensor:
+        _check_views(self.views, pooled)
+        masks = presence_masks(self.views, pooled, present)
+        ref = next(iter(pooled.values()))
+        logits, gates, valid = [], [], []
+        for v in self.views:
+            if v not in pooled:
+                continue
+            h = self.proj[v](pooled[v])
+            logits.append(self.logit[v](h).float())
+            gates.append(self.gate[v](h).float())
+            valid.append(masks[v])
+        lg, gt = torch.stack(logits, 1), torch.stack(gates, 1)                  # (B, V_given, D)
+        m = torch.stack(valid, 1)[..., None]                                     # (B, V_given, 1)
+        m = m | ~m.any(dim=1, keepdim=True)          # no view present at all: plain average (never NaN)
+        w = torch.softmax(gt.masked_fill(~m, -1e4), dim=1)
+        self.last_gates = w.detach()
+        return (w * lg).sum(1).to(ref.dtype)
+
+
+FUSIONS = {"concat": ConcatMLPFusion, "attention": CrossViewAttentionFusion, "gating": ViewGatingFusion}
 
 
 def make_fusion(name: str, view_dims: Dict[str, int], n_diagnoses: int, **kwargs) -> nn.Module:

@@ -5,7 +5,7 @@ independent of the input size, so the same weights work on whole volumes and on 
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -14,22 +14,33 @@ from torch import nn
 #: InstanceNorm, so the spatial mean of a channel is nearly the same for every exam; max pooling keeps a focal
 #: finding undiluted, attention pooling learns where to look.
 POOLING_MODES = ("mean", "max", "attention")
-ALL_POOLING_MODES = POOLING_MODES
+#: ``mil``: per-diagnosis gated attention-MIL (:class:`orthonet.networks.mil.GatedAttentionMIL`), the whole-exam
+#: models' default (:data:`WHOLE_EXAM_POOLING`).
+ALL_POOLING_MODES = POOLING_MODES + ("mil",)
+WHOLE_EXAM_POOLING = ("mil",)
+
+
+def _masked(x: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Flattened float features (B, C, N) and their (B, 1, N) validity mask (all True without ``mask``)."""
+    from orthonet.networks.mil import _flat_mask
+    return x.flatten(2).float(), _flat_mask(mask, x)[:, None]
 
 
 class MeanPool(nn.Module):
     """Global average over all spatial positions: (B, C, *spatial) -> (B, C)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(2).float().mean(-1)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        f, m = _masked(x, mask)
+        return (f * m).sum(-1) / m.sum(-1).clamp(min=1)
 
 
 class MaxPool(nn.Module):
     """Global maximum over all spatial positions: (B, C, *spatial) -> (B, C). A focal lesion that lights up a few
     voxels of a channel survives max pooling undiluted."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(2).float().amax(-1)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        f, m = _masked(x, mask)
+        return f.masked_fill(~m, float("-inf")).amax(-1)
 
 
 class AttentionPool(nn.Module):
@@ -42,18 +53,23 @@ class AttentionPool(nn.Module):
         self.key = nn.Linear(channels, hidden)
         self.score = nn.Linear(hidden, 1)
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention weights (B, N) over the flattened spatial positions (sum to 1 per sample)."""
+        from orthonet.networks.mil import NEG, _flat_mask
         h = x.flatten(2).transpose(1, 2)                       # (B, N, C)
-        logits = self.score(torch.tanh(self.key(h))).squeeze(-1)
-        return torch.softmax(logits.float(), dim=1)
+        logits = self.score(torch.tanh(self.key(h))).squeeze(-1).float()
+        return torch.softmax(logits.masked_fill(~_flat_mask(mask, x), NEG), dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.attention(x)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w = self.attention(x, mask)
         return torch.bmm(x.flatten(2).float(), w.unsqueeze(-1)).squeeze(-1)
 
 
-def make_pool(mode: str, channels: int) -> nn.Module:
+def make_pool(mode: str, channels: int, heads: int = 1) -> nn.Module:
+    """A pooling module; ``heads`` is the number of attention heads of ``mil`` (one per diagnosis)."""
+    if mode == "mil":
+        from orthonet.networks.mil import GatedAttentionMIL
+        return GatedAttentionMIL(channels, heads)
     if mode == "mean":
         return MeanPool()
     if mode == "max":
@@ -66,23 +82,42 @@ def make_pool(mode: str, channels: int) -> nn.Module:
 class MultiLevelPooling(nn.Module):
     """Pool each selected encoder level with every mode in ``modes`` and concatenate: (B, out_dim).
 
-    ``forward`` takes the feature maps of the selected levels in order (one per entry of ``channels``).
+    ``forward`` takes the feature maps of the selected levels in order (one per entry of ``channels``) and
+    optionally their validity masks ((B, *spatial) bool, True = covers real voxels; see
+    :func:`orthonet.networks.whole_exam.feature_masks`), which keep zero padding out of every pool.
     """
 
-    def __init__(self, channels: Sequence[int], modes: Sequence[str] = POOLING_MODES):
+    def __init__(self, channels: Sequence[int], modes: Sequence[str] = POOLING_MODES, heads: int = 1):
         super().__init__()
         self.channels = [int(c) for c in channels]
         self.modes = list(modes)
-        self.pools = nn.ModuleList(nn.ModuleList(make_pool(m, c) for m in self.modes) for c in self.channels)
-        self.out_dim = sum(self.channels) * len(self.modes)
+        self.pools = nn.ModuleList(nn.ModuleList(make_pool(m, c, heads) for m in self.modes)
+                                   for c in self.channels)
+        self.out_dim = sum(getattr(p, "out_dim", c) for c, pools in zip(self.channels, self.pools) for p in pools)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: Sequence[torch.Tensor], masks: Optional[Sequence[torch.Tensor]] = None
+                ) -> torch.Tensor:
         if len(features) != len(self.channels):
             raise ValueError(f"expected {len(self.channels)} feature levels, got {len(features)}")
+        masks = list(masks) if masks is not None else [None] * len(features)
         out: List[torch.Tensor] = []
-        for f, pools in zip(features, self.pools):
-            out.extend(p(f) for p in pools)
+        for f, m, pools in zip(features, masks, self.pools):
+            out.extend(p(f, m) for p in pools)
         return torch.cat(out, dim=1)
+
+    def attention_maps(self, features: Sequence[torch.Tensor], masks: Optional[Sequence[torch.Tensor]] = None
+                       ) -> List[torch.Tensor]:
+        """Per level, the attention weights (B, heads, *spatial) of its first attention pool (``mil`` heads, or
+        the single-head ``attention`` pool); levels without one are skipped."""
+        masks = list(masks) if masks is not None else [None] * len(features)
+        maps = []
+        for f, m, pools in zip(features, masks, self.pools):
+            for p in pools:
+                if hasattr(p, "attention"):
+                    w = p.attention(f, m)
+                    maps.append(w if w.ndim == f.ndim else w.reshape(f.shape[0], 1, *f.shape[2:]))
+                    break
+        return maps
 
 
 def normalized_mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:

@@ -16,7 +16,7 @@ from torch import nn
 from orthonet.networks.build import (build_encoder, build_network, conv_dim, cumulative_strides,
                                      encoder_output_channels, resolve_network_kwargs)
 from orthonet.networks.cross_view import CrossViewBottleneckFusion, feature_affine
-from orthonet.networks.diagnosis import DiagnosisHead, LevelsArg, levels_by_view
+from orthonet.networks.diagnosis import DiagnosisHead, LevelsArg, WholeExamDiagnosis, levels_by_view
 from orthonet.networks.pyramid_head import PyramidSegmentationHead
 
 Inputs = Union[torch.Tensor, Dict[str, torch.Tensor]]
@@ -229,34 +229,53 @@ class SegmentationModel(_SegmentationBase):
         return self._segment(skips, affines)
 
 
-class MultiTaskModel(_SegmentationBase):
+class MultiTaskModel(WholeExamDiagnosis, _SegmentationBase):
     """Shared per-view encoders, a segmentation decoder on ``seg_view`` and the diagnosis head over all views.
 
     ``forward(inputs, present=None, affines=None) -> {'seg': DNA output or None (seg view not given),
     'logits': (B, D), 'view_logits': {view: (B, D)}}``. ``head_kwargs`` go to
     :class:`orthonet.networks.diagnosis.DiagnosisHead` (pooling, hidden, dropout, view_dropout, missing_views ...).
+
+    With ``whole_exam`` the diagnosis reads whole volumes: ``forward(patches, present, affines, whole={view:
+    volumes}, shapes={view: (B, ndim)})`` segments the patches and diagnoses the whole volumes (the patches'
+    skips are not pooled); ``diagnose(volumes, present, shapes)`` diagnoses alone.
     """
 
     def __init__(self, specs_by_view: Dict[str, Dict], channels_by_view: Dict[str, int], seg_view: str,
                  num_classes: int, n_diagnoses: int, deep_supervision: bool = False, fusion: str = "concat",
-                 levels: LevelsArg = None, fuse_views: bool = False, seg_head: str = "unet", **head_kwargs):
+                 levels: LevelsArg = None, fuse_views: bool = False, seg_head: str = "unet", whole_exam: bool = False,
+                 feature_t: Optional[Dict[str, Optional[int]]] = None, **head_kwargs):
         super().__init__()
         self._build_segmentation(specs_by_view, channels_by_view, seg_view, num_classes, deep_supervision,
                                  fuse_views, list(specs_by_view), seg_head)
+        self._setup_whole_exam(whole_exam, feature_t)
         self.levels = levels_by_view(specs_by_view, levels)
         level_channels = {v: [encoder_output_channels(s)[i] for i in self.levels[v]]
                           for v, s in specs_by_view.items()}
         self.diagnosis = DiagnosisHead(level_channels, n_diagnoses, fusion=fusion, **head_kwargs)
 
-    def diagnose(self, inputs: Inputs, present: Optional[Dict[str, torch.Tensor]] = None) -> Dict:
+    def diagnose(self, inputs: Inputs, present: Optional[Dict[str, torch.Tensor]] = None,
+                 shapes: Optional[Dict[str, torch.Tensor]] = None, **whole_kwargs) -> Dict:
         """Diagnosis outputs only (the decoder does not run): ``{'logits', 'view_logits'}``."""
         inputs = self._as_dict(inputs)
+        if self.whole_exam:
+            return self.diagnose_whole(inputs, present, shapes, **whole_kwargs)
         skips = {v: self.encoders[v](x) for v, x in inputs.items()}
         return self.diagnosis({v: [s[i] for i in self.levels[v]] for v, s in skips.items()}, present)
 
     def forward(self, inputs: Inputs, present: Optional[Dict[str, torch.Tensor]] = None,
-                affines: Optional[Dict[str, object]] = None) -> Dict:
+                affines: Optional[Dict[str, object]] = None, whole: Optional[Dict[str, torch.Tensor]] = None,
+                shapes: Optional[Dict[str, torch.Tensor]] = None) -> Dict:
         inputs = self._as_dict(inputs)
+        if self.whole_exam:
+            if whole is None:
+                raise ValueError("this multitask model diagnoses whole exams: forward(patches, present, affines, "
+                                 "whole={view: volumes}, shapes={view: (B, ndim)})")
+            out = self.diagnose_whole(self._as_dict(whole), present, shapes)
+            views = [v for v in inputs if v == self.seg_view or self.cross_view is not None]
+            skips = {v: self.encoders[v](inputs[v]) for v in views}
+            out["seg"] = self._segment(skips, affines) if self.seg_view in skips else None
+            return out
         skips = {v: self.encoders[v](x) for v, x in inputs.items()}
         out = self.diagnosis({v: [s[i] for i in self.levels[v]] for v, s in skips.items()}, present)
         out["seg"] = self._segment(skips, affines) if self.seg_view in skips else None

@@ -61,15 +61,27 @@ def make_multiview_loader(store: PreprocessedCaseStore, cases: Sequence[str], pl
                           ignore_label: Optional[int] = None, padding_label: int = 0,
                           mirror_axes: Optional[Sequence[int]] = None, num_workers: int = 0, seed: int = 12345,
                           sequential: Optional[bool] = None, timeout_s: float = 900.0,
-                          light_augmentation_views: Sequence[str] = (), **loader_kwargs) -> BatchLoader:
+                          light_augmentation_views: Sequence[str] = (), whole_views: Sequence[str] = (),
+                          max_whole_shape: Optional[Dict[str, Sequence[int]]] = None,
+                          whole_intensity_jitter: float = 0.1, **loader_kwargs) -> BatchLoader:
     """Multi-view batches (diagnosis / multitask). Batch size defaults to the smallest plan batch of the views.
 
     Validation (``train=False``) uses deterministic centre crops and, by default, visits each case once in order.
     Views in ``light_augmentation_views`` (never the segmentation view) get mirroring + small intensity jitter only
     (no rotation, scaling, blur or resolution loss): a few-voxel lesion must survive augmentation for diagnosis to
     learn it.
+
+    ``whole_views`` (whole-exam diagnosis) come as whole volumes padded to their encoder's total stride, with
+    intensity jitter only in training (no mirroring: a flip swaps medial and lateral, and with them the labels);
+    ``max_whole_shape`` caps a view's training volume (a random cut; validation cuts the centre). Patches are then
+    cut only for the segmentation view.
     """
-    all_views = list(views) + ([segmentation_view] if segmentation_view and segmentation_view not in views else [])
+    from orthonet.networks.build import network_spec
+    from orthonet.networks.whole_exam import total_stride
+    whole_views = list(whole_views)
+    patch_views = [v for v in views if v not in whole_views]
+    all_views = patch_views + ([segmentation_view] if segmentation_view and segmentation_view not in patch_views
+                               else [])
     cfgs = {v: view_configuration(plans, v, configuration) for v in all_views}
     patches = {v: [int(p) for p in cfgs[v]["patch_size"]] for v in all_views}
     samples, transforms = {}, {}
@@ -86,12 +98,16 @@ def make_multiview_loader(store: PreprocessedCaseStore, cases: Sequence[str], pl
         else:
             samples[v] = patches[v]
             transforms[v] = build_validation_transforms(None, ds, padding_label)
-    bs = batch_size or min(int(cfgs[v]["batch_size"]) for v in all_views)
+    bs = batch_size or min(int(view_configuration(plans, v, configuration)["batch_size"])
+                           for v in all_views + whole_views)
     n_diag = n_diagnoses if n_diagnoses is not None else len(plans.get("diagnoses") or [])
+    strides = {v: total_stride(network_spec(plans, v, configuration)) for v in whole_views}
     source = MultiviewBatchSource(store, cases, all_views, segmentation_view, bs, patches, samples, transforms,
                                   diagnoses, n_diag, keep_labels, oversample_foreground, jitter if train else 0.0,
                                   ignore_label, sequential=(not train) if sequential is None else sequential,
-                                  center_crop=not train)
+                                  center_crop=not train, whole_views=whole_views, whole_strides=strides,
+                                  max_whole_shape=max_whole_shape,
+                                  whole_intensity_jitter=whole_intensity_jitter if train else 0.0)
     return BatchLoader(source, num_workers=num_workers, seed=seed, timeout_s=timeout_s, **loader_kwargs)
 
 

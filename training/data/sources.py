@@ -8,6 +8,9 @@ A source is a plain, picklable object with ``make_batch(index, rng, tracker) -> 
   size), the segmentation view with foreground oversampling and its labels when the case is labelled, the other
   views centre crops with jitter; plus the diagnosis vector (NaN = unknown) and ``has_seg`` (diagnosis and
   multitask training).
+  With ``whole_views`` (whole-exam diagnosis) each of those views instead comes whole: ``whole`` {view: (B, C,
+  *S)} zero-padded to the encoder's total stride and the batch's largest exam, ``whole_shape`` {view: (B, ndim)}
+  the unpadded sizes (see :mod:`orthonet.networks.whole_exam`).
 * :class:`ImageBatchSource` — one view's image patches of labelled and unlabeled cases (diffusion pretraining).
 
 ``index`` is the batch number: in ``sequential`` mode it selects the cases (validation: every case once, in
@@ -209,9 +212,17 @@ class MultiviewBatchSource(BatchSource):
                  transforms: Optional[Dict[str, Any]] = None, diagnoses: Optional[Dict[str, np.ndarray]] = None,
                  n_diagnoses: int = 0, keep_labels: Optional[Set[str]] = None, oversample_foreground: float = 0.33,
                  jitter: float = 0.1, ignore_label: Optional[int] = None, sequential: bool = False,
-                 center_crop: bool = False):
+                 center_crop: bool = False, whole_views: Sequence[str] = (),
+                 whole_strides: Optional[Dict[str, Sequence[int]]] = None,
+                 max_whole_shape: Optional[Dict[str, Sequence[int]]] = None, whole_intensity_jitter: float = 0.0):
         super().__init__(store, cases, batch_size, sequential)
-        self.views = list(views)
+        self.whole_views = list(whole_views)
+        self.whole_strides = {v: tuple(int(s) for s in (whole_strides or {}).get(v, (1, 1, 1)))
+                              for v in self.whole_views}
+        self.max_whole_shape = {v: tuple(int(s) for s in m) for v, m in (max_whole_shape or {}).items()}
+        self.whole_intensity_jitter = float(whole_intensity_jitter)
+        # patches are only cut for views not read whole, and for the segmentation view (its loss needs patches)
+        self.views = [v for v in views if v not in self.whole_views]
         if segmentation_view is not None and segmentation_view not in self.views:
             self.views.append(segmentation_view)
         self.seg_view = segmentation_view
@@ -286,6 +297,50 @@ class MultiviewBatchSource(BatchSource):
                 seg = _fill_like(seg, -1)
         return img, seg, True, use_seg
 
+    def _whole_sample(self, case: str, view: str, rng: np.random.Generator, tracker: LoadTracker):
+        """(C, *S) float32 whole volume (cut to ``max_whole_shape`` at a random place in training, centred in
+        validation), or None when the case lacks the view."""
+        if not self.store.has_view(case, view):
+            return None
+        with tracker.loading(case, view):
+            arrays = self.store.open(case, view, with_seg=False)
+            shape = arrays.shape
+            cap = self.max_whole_shape.get(view)
+            if cap is not None and any(n > c for n, c in zip(shape, cap)):
+                size = [min(n, c) for n, c in zip(shape, cap)]
+                if self.center_crop:
+                    bbox = center_bbox(shape, size)
+                else:
+                    lo = [int(rng.integers(0, n - k + 1)) for n, k in zip(shape, size)]
+                    bbox = [[a, a + k] for a, k in zip(lo, size)]
+            else:
+                bbox = [[0, n] for n in shape]
+            img = torch.from_numpy(arrays.crop_image(bbox))
+        if self.whole_intensity_jitter > 0 and not self.center_crop:
+            j = self.whole_intensity_jitter
+            img = img * float(1.0 + rng.normal(0, j)) + float(rng.normal(0, j))
+        return img
+
+    def _whole_batch(self, cases: List[str], rng: np.random.Generator, tracker: LoadTracker) -> Dict[str, Any]:
+        from orthonet.networks.whole_exam import pad_to_stride, padded_shape
+        whole, shapes, present = {}, {}, {}
+        for view in self.whole_views:
+            vols = [self._whole_sample(c, view, rng, tracker) for c in cases]
+            stride = self.whole_strides[view]
+            given = [v for v in vols if v is not None]
+            channels = given[0].shape[0] if given else self._num_channels(view)
+            sizes = [list(v.shape[1:]) if v is not None else [0, 0, 0] for v in vols]
+            target = [max(padded_shape([max(1, s[a]) for s in sizes], [stride[a]] * len(sizes)))
+                      for a in range(3)]
+            batch = torch.zeros((len(cases), channels, *target), dtype=torch.float32)
+            for i, v in enumerate(vols):
+                if v is not None:
+                    batch[i] = pad_to_stride(v[None].float(), stride, target)[0]
+            whole[view] = batch
+            shapes[view] = torch.tensor(sizes, dtype=torch.long)
+            present[view] = torch.tensor([v is not None for v in vols], dtype=torch.bool)
+        return {"whole": whole, "whole_shape": shapes, "whole_present": present}
+
     def make_batch(self, index, rng, tracker=None):
         tracker = tracker or LoadTracker()
         cases = self.cases_for(index, rng)
@@ -315,6 +370,10 @@ class MultiviewBatchSource(BatchSource):
         }
         if self.seg_view is not None:
             batch["target"] = _collate(segs)
+        if self.whole_views:
+            extra = self._whole_batch(list(cases), rng, tracker)
+            batch["whole"], batch["whole_shape"] = extra["whole"], extra["whole_shape"]
+            batch["present"].update(extra["whole_present"])
         return batch
 
 

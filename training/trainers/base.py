@@ -26,6 +26,7 @@ from orthonet.paths import preprocessed_root, raw_root
 from training import distributed as dist
 from training.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
 from training.data.dataset import PreprocessedCaseStore
+from orthonet.networks.heads import WHOLE_EXAM_POOLING
 from training.model_factory import ModelConfig, build_model, views_for
 from training.options import TrainOptions, fold_dir_name, model_dir, model_folder_name
 from training.pretrained import PretrainedSource, find_pretrained, load_encoder_file, network_hash
@@ -177,12 +178,23 @@ class BaseTrainer:
         views = self.model_views()
         channels = {v: int(self.plans["views"][v].get("num_input_channels", self.spec.num_channels(v)))
                     for v in views}
+        head_kwargs = dict(self.fusion_head_kwargs)
+        whole = self.task != "seg" and self.opts.diagnosis_input == "whole"
+        if whole:
+            head_kwargs.setdefault("pooling", list(WHOLE_EXAM_POOLING))
+        feature_t = dict(self.opts.feature_t or {})
+        if "*" in feature_t:                      # one timestep for every view
+            t = feature_t.pop("*")
+            feature_t = {**{v: t for v in views}, **feature_t}
         return ModelConfig(task=self.task, configuration=self.opts.configuration, views=views,
                            segmentation_view=self.segmentation_view if self.task != "diag" else None,
                            channels_by_view=channels, num_classes=self.spec.num_classes,
                            n_diagnoses=len(self.spec.diagnoses), deep_supervision=self.deep_supervision,
                            fusion=self.opts.fusion, fuse_views=self.opts.fuse_views,
-                           head_kwargs=dict(self.fusion_head_kwargs), seg_head=self.seg_head)
+                           levels=list(self.opts.diagnosis_levels) if self.opts.diagnosis_levels else None,
+                           head_kwargs=head_kwargs, seg_head=self.seg_head,
+                           diagnosis_input="whole" if whole else "crop",
+                           feature_t={v: t for v, t in feature_t.items() if v in views})
 
     # ==================================================================================================
     # building blocks (override one to change it)

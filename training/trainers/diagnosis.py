@@ -1,12 +1,17 @@
 """Multi-label diagnosis from all views: per-view encoders, pooled features fused across views.
 
+Whole-exam diagnosis (the default, ``--diagnosis-input whole``): every batch carries each view's whole volume
+(``batch['whole']``, padded to the encoder's total stride and the batch's largest exam) and the encoders run over
+all of it with gradient checkpointing per stage (``gradient_checkpointing``), so memory holds the stage outputs of
+``whole_batch_size`` exams, not every activation. ``--diagnosis-input crop`` trains the old centre-crop model.
+
 Loss: masked BCE on the fused logits (unknown labels excluded, positives weighted by training prevalence) plus an
 auxiliary BCE on each view's own logits, so every view alone stays predictive and a missing view at inference
 degrades the answer instead of breaking it.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +35,20 @@ class DiagTrainer(BaseTrainer):
     diagnosis_jitter: float = 0.1
     light_augmentation: bool = True   # mirroring + intensity jitter only for the diagnosis views (see factory)
     grad_clip: float = 5.0
+    whole_batch_size: int = 2                 # exams per batch in whole-exam mode
+    gradient_checkpointing: bool = True       # per encoder stage, whole-exam training only
+    max_whole_shape: Optional[Sequence[int]] = None   # cap on a training volume (random cut); None: no cap
+    whole_intensity_jitter: float = 0.1
+
+    @property
+    def whole_exam(self) -> bool:
+        return self.model_cfg.diagnosis_input == "whole"
+
+    def build_model(self):
+        model = super().build_model()
+        if self.model_cfg.diagnosis_input == "whole":
+            model.checkpoint_encoders = bool(self.gradient_checkpointing)
+        return model
 
     def select_training_cases(self, train: Sequence[str], seg_labelled: Set[str]) -> List[str]:
         return [c for c in train if c in self.keep_labels and c in self.diagnoses
@@ -52,6 +71,8 @@ class DiagTrainer(BaseTrainer):
 
     def multiview_loader(self, cases, train: bool, seed: int):
         seg_view = self.segmentation_view if self.task == "multitask" else None
+        whole = self.model_cfg.views if self.whole_exam else ()
+        cap = {v: list(self.max_whole_shape) for v in whole} if self.max_whole_shape else None
         return make_multiview_loader(self.store, cases, self.plans, self.opts.configuration, self.model_cfg.views,
                                      segmentation_view=seg_view, diagnoses=self.diagnoses,
                                      n_diagnoses=len(self.spec.diagnoses), keep_labels=self.keep_labels if train
@@ -60,14 +81,22 @@ class DiagTrainer(BaseTrainer):
                                      ignore_label=self.spec.ignore_label,
                                      num_workers=self.num_workers if train else 0, seed=seed,
                                      light_augmentation_views=self.model_cfg.views if self.light_augmentation
-                                     else ())
+                                     else (), whole_views=whole, max_whole_shape=cap,
+                                     whole_intensity_jitter=self.whole_intensity_jitter,
+                                     batch_size=self.whole_batch_size if self.whole_exam else None)
 
     def build_train_loader(self):
         self.bce = self.diagnosis_loss().to(self.device)
         return self.multiview_loader(self.train_cases, True, self.opts.seed + 1000 * self.epoch + dist.rank())
 
     def forward(self, batch: Dict):
-        return self.network(batch["data"], batch["present"])
+        return self.run_model(self.network, batch)
+
+    def run_model(self, network, batch: Dict):
+        """One forward of ``network`` (the DDP wrapper in training, the bare model in validation)."""
+        if self.whole_exam:
+            return network(batch["whole"], batch["present"], batch["whole_shape"])
+        return network(batch["data"], batch["present"])
 
     def diagnosis_terms(self, batch: Dict, outputs: Dict) -> Tuple[torch.Tensor, Dict[str, float]]:
         target = batch["diagnosis"]
@@ -90,7 +119,7 @@ class DiagTrainer(BaseTrainer):
             for batch in loader:
                 batch = self.to_device(batch)
                 with autocast(self.device):
-                    out = self.model(batch["data"], batch["present"])
+                    out = self.run_model(self.model, batch)
                 yield batch, out
 
     def online_validation(self) -> Dict:

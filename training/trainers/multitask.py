@@ -41,6 +41,11 @@ class MultitaskTrainer(DiagTrainer):
         if options.loss_weights is not None:
             self.seg_loss_weight, self.diag_loss_weight = (float(w) for w in options.loss_weights)
 
+    def run_model(self, network, batch: Dict):
+        if self.whole_exam:
+            return network(batch["data"], batch["present"], None, batch["whole"], batch["whole_shape"])
+        return network(batch["data"], batch["present"])
+
     def build_optimizer(self, model, pretrained_names):
         return super(DiagTrainer, self).build_optimizer(model, pretrained_names)
 
