@@ -360,3 +360,43 @@ def test_pyramid_trainer_fine_tunes_the_pretrained_encoder(single_view, tmp_path
     trainer.train_epochs()
     state = trainer.model.encoders["sagittal"].state_dict()
     assert not all(torch.equal(state[k[len("encoder."):]].cpu(), v) for k, v in expected.items())
+
+
+def test_whole_exam_diagnosis_is_the_default_and_the_centre_crop_model_stays_available(multiview):
+    """The trainer's batches carry every view's whole volume (stride-padded, with the unpadded sizes), the model
+    description says 'whole', and prediction reads whole volumes; ``--diagnosis-input crop`` still trains the old
+    centre-crop model (what old checkpoints are)."""
+    from inference.predict_core import LoadedModel, diagnosis_logits
+    from orthonet.networks.whole_exam import total_stride
+    from orthonet.networks.build import network_spec
+    from training.trainers import DiagTrainer, MultitaskTrainer
+    trainer = DiagTrainer(_options(multiview, task="diag", fusion="gating", feature_t={"*": 100}))
+    trainer.setup()
+    assert trainer.model_cfg.diagnosis_input == "whole" and trainer.model.checkpoint_encoders
+    assert trainer.model_cfg.fusion == "gating" and set(trainer.model_cfg.feature_t) == set(trainer.model_cfg.views)
+    batch = next(iter(trainer.build_train_loader()))
+    assert batch["data"] == {} and set(batch["whole"]) == set(trainer.model_cfg.views)
+    for v, x in batch["whole"].items():
+        shapes = batch["whole_shape"][v]
+        stride = total_stride(network_spec(trainer.plans, v, "3d_fullres"))
+        assert all(int(n) % s == 0 for n, s in zip(x.shape[2:], stride))
+        for i, case in enumerate(batch["keys"]):
+            assert list(shapes[i]) == list(trainer.store.open(case, v, with_seg=False).shape)
+    stats = trainer.train_step(trainer.to_device(batch))
+    assert np.isfinite(stats["loss"])
+    trainer.model.eval()
+    loaded = LoadedModel(trainer.model, trainer.model_cfg, trainer.plans, trainer.output_dir, trainer.device)
+    case = trainer.val_cases[0]
+    data = {v: trainer.store.open(case, v, with_seg=False).data[:] for v in trainer.model_cfg.views}
+    assert np.array_equal(diagnosis_logits(loaded, data), diagnosis_logits(loaded, data))   # seeded noise
+    edge = {k: v.copy() for k, v in data.items()}
+    edge["sagittal"][:, :2, :6, :6] += 5.0                                 # a bright corner, far from the centre
+    assert not np.allclose(diagnosis_logits(loaded, edge), diagnosis_logits(loaded, data))
+    mt = MultitaskTrainer(_options(multiview, task="multitask"))
+    mt.setup()
+    batch = next(iter(mt.build_train_loader()))
+    assert set(batch["data"]) == {mt.segmentation_view} and set(batch["whole"]) == set(mt.model_cfg.views)
+    assert np.isfinite(mt.train_step(mt.to_device(batch))["loss"])
+    old = DiagTrainer(_options(multiview, task="diag", diagnosis_input="crop"))
+    old.setup()
+    assert old.model_cfg.diagnosis_input == "crop" and not old.model.whole_exam
