@@ -161,3 +161,78 @@ def test_hirescam_localises_better_than_channel_averaged_gradcam(lesion_model, t
             values.append(_localisation(saliency, lesion, points)[0] if saliency.sum() > 0 else 0.0)
         scores[method] = float(np.mean(values))
     assert scores["hirescam"] > 2 * scores["gradcam"] and scores["hirescam"] > 10, scores
+
+
+WHOLE_MODEL = "LesionWholeDiag__orthoPlans__3d_fullres"
+
+
+def _train_whole_lesion_model(root: Path, steps: int = 60) -> None:
+    """The same lesion, learnt by a whole-exam model (attention-MIL over each whole volume, batch-padded with the
+    exams' sizes), saved in ortho_train's layout."""
+    from orthonet.dataset import load_dataset
+    from orthonet.fileio import load_json, save_json
+    from orthonet.networks.whole_exam import pad_to_stride, padded_shape, total_stride
+    from training.checkpoint import save_checkpoint
+    from training.data.dataset import PreprocessedCaseStore
+    from training.model_factory import ModelConfig, build_model
+    torch.manual_seed(0)
+    pre = root / "pre" / NAME
+    plans = load_json(pre / "orthoPlans.json")
+    labels = load_dataset(root / "raw" / NAME).read_diagnoses()
+    cases = sorted(labels)
+    store = PreprocessedCaseStore(pre / "orthoPlans_3d_fullres", ["sagittal"], None)
+    cfg = ModelConfig(task="diag", configuration="3d_fullres", views=["sagittal"], segmentation_view=None,
+                      channels_by_view={"sagittal": 1}, n_diagnoses=2, diagnosis_input="whole",
+                      head_kwargs={"pooling": ["mil"]})
+    model = build_model(plans, cfg)
+    stride = total_stride(plans["views"]["sagittal"]["configurations"]["3d_fullres"]["network"])
+    vols = [torch.from_numpy(np.asarray(store.open(c, "sagittal", with_seg=False).data[:], np.float32))
+            for c in cases]
+    target = [max(padded_shape(v.shape[1:], stride)[a] for v in vols) for a in range(3)]
+    x_all = torch.cat([pad_to_stride(v[None], stride, target) for v in vols])
+    shapes = {"sagittal": torch.tensor([list(v.shape[1:]) for v in vols])}
+    y_all = torch.tensor(np.stack([labels[c] for c in cases]), dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    model.train()
+    for _ in range(steps):
+        out = model({"sagittal": x_all}, None, shapes)
+        loss = bce(out["logits"], y_all) + 0.5 * bce(out["view_logits"]["sagittal"], y_all)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    folder = root / "res" / NAME / WHOLE_MODEL
+    save_json(plans, folder / "plans.json")
+    save_json(load_json(pre / "dataset.json"), folder / "dataset.json")
+    save_checkpoint(folder / "fold_all" / "checkpoint_final.pt", model, extra={"model_config": cfg.to_dict()})
+
+
+def test_whole_exam_model_writes_attention_maps_that_point_at_the_lesion(lesion_model, tmp_path):
+    """Whole-exam models: HiResCAM over the whole volume and the attention-MIL map, both on the view's grid; the
+    attention of the lesion's head leans towards the lesion (chance enrichment: 1). Measured on 3 fresh phantoms:
+    1.10-1.20x only: with levels averaged and the coarse levels upsampled the attention map is diffuse, and the
+    masked-max branch of the pooling does much of the detecting; HiResCAM localises far better (see above)."""
+    from inference.cli import predict_cli
+    from inference.diagnoses_table import read_diagnoses_csv
+    with ortho_env(lesion_model):
+        _train_whole_lesion_model(lesion_model)
+        cases = _phantom_cases(tmp_path / "in", n_positive=3, n_negative=1)
+        out = tmp_path / "out"
+        assert predict_cli(["-i", str(tmp_path / "in"), "-o", str(out), "-d", str(DATASET_ID), "-tr",
+                            "LesionWholeDiag", "-f", "all", "--explain", "--no-progress"]) == 0
+    probs = read_diagnoses_csv(out / "diagnoses.csv", ["lesion_a", "lesion_b"])
+    enrichments = []
+    for case, (path, lesion, points) in cases.items():
+        ref = sitk.ReadImage(str(path))
+        for kind in ("saliency", "attention"):
+            img = sitk.ReadImage(str(out / f"{case}_sagittal_{kind}_lesion_a.nii.gz"))
+            assert img.GetSize() == ref.GetSize()
+            np.testing.assert_allclose(img.GetDirection(), ref.GetDirection(), atol=1e-6)
+        attention = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_sagittal_attention_lesion_a.nii.gz")))
+        if case.startswith("pos"):
+            enrichments.append(_localisation(attention, lesion, points)[0])
+    pos = [probs[c].probabilities["lesion_a"] for c in cases if c.startswith("pos")]
+    neg = [probs[c].probabilities["lesion_a"] for c in cases if c.startswith("neg")]
+    assert min(pos) > max(neg), (pos, neg)
+    assert min(enrichments) > 1.05, enrichments
+    assert (out / "pos0_overview.png").stat().st_size > 10_000
