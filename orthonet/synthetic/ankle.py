@@ -9,7 +9,8 @@ Lesions:
 * atfl_tear / cfl_tear: fluid-filled gap in the thin dark ligament with oedema in the lateral gutter (complete) or
   a thickened ligament of intermediate signal with surrounding oedema (partial); small (ligaments are 2-3 mm).
 * achilles_rupture: fluid/haemorrhage gap 2-6 cm above the insertion between thickened, oedematous stumps
-  (complete) or an intrasubstance fluid cleft (partial).
+  (complete) or a fusiform thickened segment of intermediate signal around an intrasubstance fluid cleft
+  (1.2-2.4 mm thick, 10-25 mm long) (partial).
 * osteochondral_lesion_talus: focal cartilage defect of the medial or lateral talar dome filled with fluid, a
   subchondral fluid-signal fragment line and surrounding marrow oedema (3-12 mm).
 """
@@ -88,7 +89,8 @@ def build(rngs: CaseRandom, present: Dict[str, bool]) -> Phantom:
     r = lesion_rng["achilles_rupture"]
     complete = bool(r.random() < 0.7)
     level, gap = float(r.uniform(20.0, 50.0)), float(r.uniform(8.0, 30.0))
-    cleft = (float(r.uniform(8.0, 20.0)), float(r.uniform(0.8, 1.6)))
+    cleft = (float(r.uniform(10.0, 25.0)), float(r.uniform(1.2, 2.4)), float(r.uniform(3.5, 6.0)))
+    partial_seg, partial_swell = float(r.uniform(6.0, 12.0)), float(r.uniform(1.3, 1.6))
     insertion = foot((0.0, 52.0, -36.0))
     top = np.array([0.0, 44.0, 160.0])
     ach = band(top, insertion, (1, 0, 0), 7.5, achilles_t)
@@ -107,9 +109,14 @@ def build(rngs: CaseRandom, present: Dict[str, bool]) -> Phantom:
             s.append(Structure("achilles_gap", band(site - axis * gap / 2, site + axis * gap / 2, (1, 0, 0), 9.5,
                                                     achilles_t * 2.0), "fluid", label=0, soft_mm=1.5, opacity=0.85))
         else:
-            length, width = cleft
+            # partial (intrasubstance) tear: fusiform swelling of intermediate signal with a fluid cleft inside
+            length, width, half_w = cleft
+            half = length / 2 + partial_seg
+            s.append(Structure("achilles_partial_tendinosis", band(site - axis * half, site + axis * half, (1, 0, 0),
+                                                                   8.0, achilles_t * partial_swell),
+                               "tendinosis", label=L["achilles_tendon"], soft_mm=1.0))
             s.append(Structure("achilles_partial", band(site - axis * length / 2, site + axis * length / 2, (1, 0, 0),
-                                                        4.5, width / 2.0), "fluid", opacity=0.9))
+                                                        half_w, width / 2.0), "fluid", opacity=0.9))
     s.append(Structure("peroneal_tendons", Union([
         polyline([(-22.0, 17.0, 80.0), (-27.0, 13.0, -5.0), foot((-26.0, 4.0, -30.0)), foot((-21.0, -40.0, -40.0))],
                  2.6, k=1.0),

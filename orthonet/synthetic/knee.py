@@ -7,9 +7,12 @@ dislocation move them rigidly. Landmark numbers are adult averages; each case sc
 Lesions (each independent, drawn with its prevalence; sizes vary and some are only a few mm):
 
 * acl_tear / pcl_tear: complete tear = fluid-filled fibre gap with oedematous stumps; partial / interstitial =
-  thin intrasubstance fluid cleft or a thickened ligament of intermediate signal.
-* medial/lateral_meniscus_tear: a thin (0.6-1.4 mm) linear fluid cleft inside the dark wedge, reaching the
-  articular surface (horizontal-oblique or radial), 4-14 mm long.
+  a focally thickened ACL segment (12-26 mm) of intermediate signal around an intrasubstance fluid cleft (6-14 mm
+  long, 2-3.6 mm wide) with periligamentous oedema, or a thickened PCL of intermediate signal with an interstitial
+  fluid blot.
+* medial/lateral_meniscus_tear: a linear fluid cleft 1.2-2.5 mm thick inside the dark wedge, reaching the
+  articular surface: horizontal-oblique (8-18 mm long) or radial (from the free edge across 85-100 % of the
+  width), in a 1.5-2.5 mm rim of intermediate (mucoid degeneration) signal.
 * mcl_injury / lcl_injury: thickened ligament with intermediate signal, bright oedema around it; grade 3 adds a gap.
 * patellar_dislocation: laterally displaced and tilted patella, bone-bruise marrow oedema on the medial patellar
   facet and the lateral femoral condyle, oedema at the torn medial retinaculum.
@@ -180,8 +183,9 @@ def build(rngs: CaseRandom, present: Dict[str, bool]) -> Phantom:
     r_acl, r_pcl = lesion_rng["acl_tear"], lesion_rng["pcl_tear"]
     acl_complete = bool(r_acl.random() < 0.65)
     acl_tc, acl_gap = float(r_acl.uniform(0.25, 0.7)), float(r_acl.uniform(3.0, 10.0))
-    acl_cloud, acl_cleft = float(r_acl.uniform(4.5, 7.0)), (float(r_acl.uniform(4.0, 9.0)),
-                                                          float(r_acl.uniform(0.8, 1.6)))
+    acl_cloud, acl_cleft = float(r_acl.uniform(4.5, 7.0)), (float(r_acl.uniform(6.0, 14.0)),
+                                                          float(r_acl.uniform(1.0, 1.8)))
+    acl_segment, acl_swell = float(r_acl.uniform(3.0, 6.0)), float(r_acl.uniform(0.6, 1.2))
     pcl_complete = bool(r_pcl.random() < 0.4)
     pcl_tc, pcl_gap = float(r_pcl.uniform(0.3, 0.7)), float(r_pcl.uniform(3.0, 9.0))
     pcl_swell, pcl_cloud = float(r_pcl.uniform(1.2, 1.5)), float(r_pcl.uniform(5.5, 8.0))
@@ -202,9 +206,21 @@ def build(rngs: CaseRandom, present: Dict[str, bool]) -> Phantom:
             s.append(Structure("acl_tear_fluid", Capsule(gap.a, gap.b, acl_cloud * 0.45), "fluid", soft_mm=1.0,
                                opacity=0.8))
         else:
-            length, width = acl_cleft
-            half = length / 2.0 / np.linalg.norm(np.subtract(acl_axis.b, acl_axis.a))
-            cleft = Capsule(acl_axis.point(acl_tc - half), acl_axis.point(acl_tc + half), width)
+            # interstitial tear: the torn segment is swollen and of intermediate signal (oedematous fibres), with
+            # a fluid cleft along the fibres in its middle and a thin oedema/haemorrhage cuff in the notch fat
+            length, radius = acl_cleft
+            axis_len = float(np.linalg.norm(np.subtract(acl_axis.b, acl_axis.a)))
+            half = length / 2.0 / axis_len
+            seg_half = half + acl_segment / axis_len
+            seg_a, seg_b = acl_axis.point(max(acl_tc - seg_half, 0.0)), acl_axis.point(min(acl_tc + seg_half, 1.0))
+            acl_shape = Union([acl_am, acl_pl], k=1.5)
+            s.append(Structure("acl_partial_edema", Intersect(Offset(acl_shape, acl_swell + 1.5),
+                                                              Capsule(seg_a, seg_b, acl_axis.ra + 3.0)),
+                               "edema", soft_mm=1.5, opacity=0.5))
+            s.append(Structure("acl_partial_segment", Intersect(Offset(acl_shape, acl_swell),
+                                                                Capsule(seg_a, seg_b, acl_axis.ra + 2.0), k=1.0),
+                               "torn_fibres", label=L["acl"]))
+            cleft = Capsule(acl_axis.point(acl_tc - half), acl_axis.point(acl_tc + half), radius)
             s.append(Structure("acl_partial_tear", cleft, "fluid", opacity=0.9))
     pcl_mid = np.asarray(pcl_pts[1]) + pcl_tc * (np.asarray(pcl_pts[2]) - np.asarray(pcl_pts[1]))
     sites["pcl_tear"] = pcl_mid
@@ -231,9 +247,11 @@ def build(rngs: CaseRandom, present: Dict[str, bool]) -> Phantom:
     s.append(Structure("lateral_meniscus", lm, "meniscus", label=L["lateral_meniscus"]))
     for name, wedge, centre, radii, side in (("medial_meniscus_tear", mm, (20.0, 4.0), (15.5, 23.0), 1.0),
                                              ("lateral_meniscus_tear", lm, (-20.0, 2.0), (14.5, 17.0), -1.0)):
-        tear, site = _meniscal_tear(lesion_rng[name], wedge, centre, radii, side, menisc_h, t_tib * 0.8)
+        tear, degeneration, site = _meniscal_tear(lesion_rng[name], wedge, centre, radii, side, menisc_h,
+                                                  t_tib * 0.8)
         sites[name] = site
         if present[name]:
+            s.append(Structure(f"{name}_degeneration", degeneration, "tendinosis", soft_mm=0.5))
             s.append(Structure(name, tear, "fluid", opacity=0.9))
 
     # ---- bones ----------------------------------------------------------------------------------------------------
@@ -323,7 +341,12 @@ def _collateral(s: List[Structure], sites: Dict[str, np.ndarray], name: str, pts
 
 
 def _meniscal_tear(rng: np.random.Generator, wedge, centre, radii, side: float, height: float, base: float):
-    """A thin fluid cleft in a meniscus reaching its articular surface; returns (shape, site in root coords)."""
+    """A fluid cleft in a meniscus reaching its articular surface and the rim of intermediate (mucoid
+    degeneration) signal around it inside the meniscus; returns (cleft, rim, site in root coords).
+
+    Sizes are those of tears a reader calls at 3.5 mm slices: a cleft 1.2-2.5 mm thick (fluid in the tear plus
+    partial volume), horizontal ones 8-18 mm long (on at least two consecutive slices), radial ones across most
+    of the meniscal width (a thin cleft in the thin inner third alone would be invisible)."""
     where = rng.random()
     if where < 0.6:
         psi = float(rng.uniform(70.0, 110.0))             # posterior horn
@@ -332,10 +355,11 @@ def _meniscal_tear(rng: np.random.Generator, wedge, centre, radii, side: float, 
     else:
         psi = float(rng.uniform(250.0, 290.0))            # anterior horn
     horizontal = bool(rng.random() < 0.6)
-    length = float(rng.uniform(4.0, 14.0))
-    width = float(rng.uniform(0.6, 1.4))
+    length = float(rng.uniform(8.0, 18.0))
+    width = float(rng.uniform(1.2, 2.5))
     tilt = float(rng.uniform(15.0, 35.0))
     rho = float(rng.uniform(0.7, 0.85))
+    rim = float(rng.uniform(1.5, 2.5))
     c, sn = np.cos(np.deg2rad(psi)), np.sin(np.deg2rad(psi))
     radial = np.array([c * radii[1], sn * radii[0], 0.0])      # ellipse normal direction (unnormalised)
     radial /= np.linalg.norm(radial)
@@ -351,13 +375,15 @@ def _meniscal_tear(rng: np.random.Generator, wedge, centre, radii, side: float, 
         rot = np.stack([circ, in_plane, normal], axis=1)
         cleft = Box(point, (length / 2.0, 12.0, width / 2.0), rot, rounding=width / 2.0 * 0.9)
     else:
-        # radial tear: vertical cleft across the wedge from the free edge, full height
+        # radial tear: vertical cleft of full height from the free edge across 85-100 % of the wedge's width
+        # (the thin inner third alone would hide it), its torn edges ``width`` apart
         rot = np.stack([circ, radial, np.array([0.0, 0.0, 1.0])], axis=1)
-        inner = np.array([centre[0] + 0.6 * radii[0] * c, centre[1] + 0.6 * radii[1] * sn, base + height / 2.0])
-        depth = length * 0.6
+        inner = np.array([centre[0] + 0.5 * radii[0] * c, centre[1] + 0.5 * radii[1] * sn, base + height / 2.0])
+        run = float(np.hypot(0.5 * radii[0] * c, 0.5 * radii[1] * sn))     # free edge to rim along ``radial``
+        depth = run * (rho + 0.15)
         cleft = Box(inner + radial * depth / 2.0, (width / 2.0, depth / 2.0, height), rot, rounding=width / 2.0 * 0.9)
         point = inner + radial * depth / 2.0
-    return Intersect(wedge, cleft), point
+    return Intersect(wedge, cleft), Intersect(wedge, Offset(cleft, rim)), point
 
 
 MODEL = register(JointModel(

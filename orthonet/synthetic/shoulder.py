@@ -7,7 +7,8 @@ stacks are planned oblique, parallel and perpendicular to the supraspinatus, as 
 Lesions:
 
 * supraspinatus / infraspinatus / subscapularis_tear: fluid-filled defect in the dark tendon cap near its footprint,
-  partial (articular or bursal side) or full thickness, 3-20 mm.
+  partial (articular or bursal side) or full thickness, 5-20 mm, in a zone of tendinosis (intermediate-signal
+  tendon reaching 3-6 mm beyond the defect).
 * biceps_tendon_injury: thickened long-head tendon of intermediate signal with fluid in its sheath.
 * ac_joint_arthritis: distended AC joint capsule (fluid / synovium), subchondral oedema of the acromion and clavicle
   ends, an inferior osteophyte.
@@ -121,7 +122,7 @@ def build(rngs: CaseRandom, present: Dict[str, bool]) -> Phantom:
     for name, (axis, half_angle) in CUFF.items():
         lesion = f"{name}_tear"
         r = lesion_rng[lesion]
-        size = float(r.uniform(3.0, 20.0))
+        size = float(r.uniform(5.0, 20.0))
         kind = int(r.integers(0, 3))                      # 0 full thickness, 1 articular side, 2 bursal side
         a = np.asarray(axis, float) / np.linalg.norm(axis)
         # the tear sits toward the footprint (lateral/anterior edge of the cap): tilt the axis toward -x
@@ -129,8 +130,13 @@ def build(rngs: CaseRandom, present: Dict[str, bool]) -> Phantom:
         tilt /= np.linalg.norm(tilt)
         depth = {0: (0.0, cuff_t), 1: (0.0, cuff_t * 0.55), 2: (cuff_t * 0.45, cuff_t)}[kind]
         centre = tilt * (r_cuff + (depth[0] + depth[1]) / 2.0)
+        tendinosis = float(r.uniform(3.0, 6.0))
         sites[lesion] = hum(centre)
         if present[lesion]:
+            # tears arise in degenerate tendon: intermediate signal in the cap around the defect
+            s.append(Structure(f"{lesion}_tendinosis", Intersect(Sphere(centre, size / 2.0 + 1.0 + tendinosis),
+                                                                 cuff_shapes[name]),
+                               "tendinosis", frame="humerus", soft_mm=1.0))
             defect = Intersect(Intersect(Shell(Sphere((0.0, 0.0, 0.0), r_cuff), depth[0], depth[1]),
                                          Sphere(centre, size / 2.0 + 1.0)), cuff_shapes[name])
             s.append(Structure(lesion, defect, "fluid", label=0 if kind == 0 else None, frame="humerus",
