@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from inference.predict_core import ArrayLike, LoadedModel, _as_tensor, center_crop
 from orthonet.errors import OrthoError
 from orthonet.imageio import Geometry, array_to_image
+from orthonet.networks.whole_exam import padded_shape, total_stride
 from preprocessing.crop import uncrop
 from preprocessing.resample import resample_probabilities
 from training.data.sampling import center_bbox
@@ -131,9 +132,8 @@ def grad_cam(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike],
                 pool = F.avg_pool3d if cam.ndim == 5 else F.avg_pool2d
                 cam = pool(cam, 3, stride=1, padding=1, count_include_pad=False)
                 # features of a stride-padded volume cover the padded extent: upsample to it, keep the volume
-                stride = [n * s for n, s in zip(a.shape[2:], _level_stride(model, v, model_levels[v][li]))]
-                size = tuple(max(n, m) for n, m in zip(stride, crops[v].shape[2:])) if whole else \
-                    tuple(crops[v].shape[2:])
+                size = tuple(padded_shape(crops[v].shape[2:], total_stride(model.specs_by_view[v]))) if whole \
+                    else tuple(crops[v].shape[2:])
                 up = F.interpolate(cam, size=size, mode="trilinear" if cam.ndim == 5 else "bilinear",
                                    align_corners=False)[0, 0]
                 per_level[used[v].index(li)][v] = up[tuple(slice(0, n) for n in crops[v].shape[2:])]
@@ -144,11 +144,6 @@ def grad_cam(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike],
     finally:
         model.train(was_training)
     return out
-
-
-def _level_stride(model: torch.nn.Module, view: str, level: int) -> List[int]:
-    from orthonet.networks.build import cumulative_strides
-    return [int(s) for s in cumulative_strides(model.specs_by_view[view])[level]]
 
 
 def attention_saliency(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike]) -> Dict[str, np.ndarray]:

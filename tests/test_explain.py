@@ -34,17 +34,9 @@ FEATURE_VOXEL_DIAGONAL_MM = float(np.sqrt(3) * 6.0)
 def _train_lesion_model(root: Path, steps: int = 70) -> None:
     """Full-batch AdamW on the centre crops the diagnosis head sees, random flips, fixed seed."""
     from inference.predict_core import center_crop
-    from orthonet.dataset import load_dataset
-    from orthonet.fileio import load_json, save_json
-    from training.checkpoint import save_checkpoint
-    from training.data.dataset import PreprocessedCaseStore
     from training.model_factory import ModelConfig, build_model
     torch.manual_seed(0)
-    pre = root / "pre" / NAME
-    plans = load_json(pre / "orthoPlans.json")
-    labels = load_dataset(root / "raw" / NAME).read_diagnoses()
-    cases = sorted(labels)
-    store = PreprocessedCaseStore(pre / "orthoPlans_3d_fullres", ["sagittal"], None)
+    plans, labels, cases, store = _lesion_data(root)
     patch = plans["views"]["sagittal"]["configurations"]["3d_fullres"]["patch_size"]
     x_all = torch.stack([center_crop(store.open(c, "sagittal", with_seg=False).data[:], patch) for c in cases])
     y_all = torch.tensor(np.stack([labels[c] for c in cases]), dtype=torch.float32)
@@ -63,9 +55,27 @@ def _train_lesion_model(root: Path, steps: int = 70) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    folder = root / "res" / NAME / MODEL
+    _save_model(root, plans, model, cfg, MODEL)
+
+
+def _lesion_data(root: Path):
+    """(plans, diagnoses by case, sorted cases, preprocessed store) of the lesion dataset."""
+    from orthonet.dataset import load_dataset
+    from orthonet.fileio import load_json
+    from training.data.dataset import PreprocessedCaseStore
+    pre = root / "pre" / NAME
+    labels = load_dataset(root / "raw" / NAME).read_diagnoses()
+    store = PreprocessedCaseStore(pre / "orthoPlans_3d_fullres", ["sagittal"], None)
+    return load_json(pre / "orthoPlans.json"), labels, sorted(labels), store
+
+
+def _save_model(root: Path, plans, model, cfg, folder_name: str) -> None:
+    """Save in the layout ortho_train writes (plans and dataset.json copies, fold_all checkpoint)."""
+    from orthonet.fileio import load_json, save_json
+    from training.checkpoint import save_checkpoint
+    folder = root / "res" / NAME / folder_name
     save_json(plans, folder / "plans.json")
-    save_json(load_json(pre / "dataset.json"), folder / "dataset.json")
+    save_json(load_json(root / "pre" / NAME / "dataset.json"), folder / "dataset.json")
     save_checkpoint(folder / "fold_all" / "checkpoint_final.pt", model, extra={"model_config": cfg.to_dict()})
 
 
@@ -169,18 +179,10 @@ WHOLE_MODEL = "LesionWholeDiag__orthoPlans__3d_fullres"
 def _train_whole_lesion_model(root: Path, steps: int = 60) -> None:
     """The same lesion, learnt by a whole-exam model (attention-MIL over each whole volume, batch-padded with the
     exams' sizes), saved in ortho_train's layout."""
-    from orthonet.dataset import load_dataset
-    from orthonet.fileio import load_json, save_json
     from orthonet.networks.whole_exam import pad_to_stride, padded_shape, total_stride
-    from training.checkpoint import save_checkpoint
-    from training.data.dataset import PreprocessedCaseStore
     from training.model_factory import ModelConfig, build_model
     torch.manual_seed(0)
-    pre = root / "pre" / NAME
-    plans = load_json(pre / "orthoPlans.json")
-    labels = load_dataset(root / "raw" / NAME).read_diagnoses()
-    cases = sorted(labels)
-    store = PreprocessedCaseStore(pre / "orthoPlans_3d_fullres", ["sagittal"], None)
+    plans, labels, cases, store = _lesion_data(root)
     cfg = ModelConfig(task="diag", configuration="3d_fullres", views=["sagittal"], segmentation_view=None,
                       channels_by_view={"sagittal": 1}, n_diagnoses=2, diagnosis_input="whole",
                       head_kwargs={"pooling": ["mil"]})
@@ -201,10 +203,7 @@ def _train_whole_lesion_model(root: Path, steps: int = 60) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    folder = root / "res" / NAME / WHOLE_MODEL
-    save_json(plans, folder / "plans.json")
-    save_json(load_json(pre / "dataset.json"), folder / "dataset.json")
-    save_checkpoint(folder / "fold_all" / "checkpoint_final.pt", model, extra={"model_config": cfg.to_dict()})
+    _save_model(root, plans, model, cfg, WHOLE_MODEL)
 
 
 def test_whole_exam_model_writes_attention_maps_that_point_at_the_lesion(lesion_model, tmp_path):

@@ -182,7 +182,7 @@ class WholeExamDiagnosis:
             maps = self.diagnosis.poolers[v].attention_maps(feats[v], masks[v])
             if not maps:
                 raise ValueError(f"the diagnosis head of view '{v}' has no attention pooling")
-            size = list(pad_to_stride(x[:, :1], total_stride(self.specs_by_view[v])).shape[2:])
+            size = padded_shape(x.shape[2:], total_stride(self.specs_by_view[v]))
             up = [torch.nn.functional.interpolate(m.float(), size=size, mode="trilinear" if m.ndim == 5
                                                   else "bilinear", align_corners=False) for m in maps]
             sal = torch.stack(up).mean(0)[(slice(None), slice(None)) + tuple(slice(0, n) for n in x.shape[2:])]

@@ -10,6 +10,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from orthonet.networks.mil import NEG, GatedAttentionMIL, flat_mask
+
 #: Default pooling of every encoder level. Mean pooling alone is weak on DNA encoders: their stages end in
 #: InstanceNorm, so the spatial mean of a channel is nearly the same for every exam; max pooling keeps a focal
 #: finding undiluted, attention pooling learns where to look.
@@ -22,8 +24,7 @@ WHOLE_EXAM_POOLING = ("mil",)
 
 def _masked(x: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Flattened float features (B, C, N) and their (B, 1, N) validity mask (all True without ``mask``)."""
-    from orthonet.networks.mil import _flat_mask
-    return x.flatten(2).float(), _flat_mask(mask, x)[:, None]
+    return x.flatten(2).float(), flat_mask(mask, x)[:, None]
 
 
 class MeanPool(nn.Module):
@@ -55,10 +56,9 @@ class AttentionPool(nn.Module):
 
     def attention(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention weights (B, N) over the flattened spatial positions (sum to 1 per sample)."""
-        from orthonet.networks.mil import NEG, _flat_mask
         h = x.flatten(2).transpose(1, 2)                       # (B, N, C)
         logits = self.score(torch.tanh(self.key(h))).squeeze(-1).float()
-        return torch.softmax(logits.masked_fill(~_flat_mask(mask, x), NEG), dim=1)
+        return torch.softmax(logits.masked_fill(~flat_mask(mask, x), NEG), dim=1)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         w = self.attention(x, mask)
@@ -68,7 +68,6 @@ class AttentionPool(nn.Module):
 def make_pool(mode: str, channels: int, heads: int = 1) -> nn.Module:
     """A pooling module; ``heads`` is the number of attention heads of ``mil`` (one per diagnosis)."""
     if mode == "mil":
-        from orthonet.networks.mil import GatedAttentionMIL
         return GatedAttentionMIL(channels, heads)
     if mode == "mean":
         return MeanPool()

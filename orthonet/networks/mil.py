@@ -20,7 +20,7 @@ from torch import nn
 NEG = -1e4   # masked attention logit (finite: bf16/fp16 safe, softmax weight exp(-1e4) == 0)
 
 
-def _flat_mask(mask: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def flat_mask(mask: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """(B, N) bool mask of ``x``'s (B, C, *spatial) positions; all True when ``mask`` is None."""
     b, n = x.shape[0], x[0, 0].numel()
     if mask is None:
@@ -71,7 +71,7 @@ class GatedAttentionMIL(nn.Module):
             yield self.proj(flat[:, :, s:e].transpose(1, 2).float()), m[:, s:e]
 
     def attention(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        m = _flat_mask(mask, x)
+        m = flat_mask(mask, x)
         if torch.is_grad_enabled():
             w = self._weights(self._tokens(x), m)                             # (B, N, H)
         else:
@@ -97,7 +97,7 @@ class GatedAttentionMIL(nn.Module):
         return torch.cat([(acc / run_sum[..., None]).flatten(1), peak], dim=1)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        m = _flat_mask(mask, x)
+        m = flat_mask(mask, x)
         if not torch.is_grad_enabled() and m.shape[1] > self.chunk:
             return self._streaming(x, m)
         h = self._tokens(x)

@@ -272,9 +272,7 @@ class MultiTaskModel(WholeExamDiagnosis, _SegmentationBase):
                 raise ValueError("this multitask model diagnoses whole exams: forward(patches, present, affines, "
                                  "whole={view: volumes}, shapes={view: (B, ndim)})")
             out = self.diagnose_whole(self._as_dict(whole), present, shapes)
-            views = [v for v in inputs if v == self.seg_view or self.cross_view is not None]
-            skips = {v: self.encoders[v](inputs[v]) for v in views}
-            out["seg"] = self._segment(skips, affines) if self.seg_view in skips else None
+            out["seg"] = self.segment(inputs, affines) if self.seg_view in inputs else None
             return out
         skips = {v: self.encoders[v](x) for v, x in inputs.items()}
         out = self.diagnosis({v: [s[i] for i in self.levels[v]] for v, s in skips.items()}, present)

@@ -14,7 +14,7 @@ volume:
   of the chosen levels' feature maps it "owns" (its centre, away from tile borders), stitched into the whole map.
   Tiles start at multiples of the total stride, so every level's feature grid lines up exactly; the only
   difference from a whole-volume pass is the context each tile sees (and its instance-norm statistics), which
-  :func:`tests.test_whole_exam` measures.
+  tests/test_whole_exam.py measures.
 * :func:`diffusion_noise` applies OrthoDiffusion's feature recipe: the encoder sees the input noised to timestep
   ``t`` of the denoiser's schedule (the paper: t = 50-200, one timestep per view).
 """
@@ -153,4 +153,4 @@ def encode_tiled(encoder: nn.Module, x: torch.Tensor, spec: Dict, levels: Sequen
             dst = tuple(slice(a // s, b // s) for (a, b), s in zip(own, ls))
             src = tuple(slice((a - st) // s, (b - st) // s) for (a, b), st, s in zip(own, start, ls))
             out[k][(slice(None), slice(None)) + dst] = f[(slice(None), slice(None)) + src]
-    return [o for o in out]
+    return out

@@ -330,8 +330,7 @@ class MultiviewBatchSource(BatchSource):
             given = [v for v in vols if v is not None]
             channels = given[0].shape[0] if given else self._num_channels(view)
             sizes = [list(v.shape[1:]) if v is not None else [0, 0, 0] for v in vols]
-            target = [max(padded_shape([max(1, s[a]) for s in sizes], [stride[a]] * len(sizes)))
-                      for a in range(3)]
+            target = padded_shape([max(1, max(s[a] for s in sizes)) for a in range(3)], stride)
             batch = torch.zeros((len(cases), channels, *target), dtype=torch.float32)
             for i, v in enumerate(vols):
                 if v is not None:
