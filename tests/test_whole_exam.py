@@ -266,3 +266,17 @@ def test_streaming_mil_pooling_equals_the_direct_pass():
         streamed = pool(x, mask)
         w_streamed = pool.attention(x, mask)
     assert torch.allclose(direct, streamed, atol=1e-5) and torch.allclose(w_direct, w_streamed, atol=1e-6)
+
+
+def test_feature_t_and_diagnosis_input_options_refuse_bad_values_clearly():
+    from training.cli import parse_feature_t
+    from training.options import TrainOptions
+    assert parse_feature_t("100") == {"*": 100}
+    assert parse_feature_t("sagittal=100,coronal=50") == {"sagittal": 100, "coronal": 50}
+    assert parse_feature_t(None) is None
+    with pytest.raises(OrthoError, match="not a timestep"):
+        parse_feature_t("sagittal=soon")
+    with pytest.raises(OrthoError, match="outside 0..999"):
+        parse_feature_t("1000")
+    with pytest.raises(OrthoError, match="diagnosis-input"):
+        TrainOptions(dataset_name="Dataset001_X", configuration="3d_fullres", fold=0, diagnosis_input="patch")
