@@ -249,7 +249,27 @@ def resolve_models(dataset: Union[int, str, None] = None, configuration: Optiona
         trainer = DEFAULT_TRAINER_FOR_TASK[dataset_task(find_dataset_spec(name))]
     folder_name = trainer if "__" in trainer else \
         f"{trainer}__{plans_name or DEFAULT_PLANS}__{configuration or DEFAULT_CONFIGURATION}"
-    folder = results_dir / folder_name
+    folder, found_note = _trained_variant(results_dir, folder_name, folds, checkpoint)
     spec = ModelSpec(folder, _check_folds(folder, folds, checkpoint), checkpoint)
     thresholds, notes = _thresholds_for(name, spec)
-    return ModelSelection(name, [spec], thresholds, "explicit" if explicit else "default", notes)
+    return ModelSelection(name, [spec], thresholds, "explicit" if explicit else "default", found_note + notes)
+
+
+def _trained_variant(results_dir: Path, folder_name: str, folds: Optional[Sequence[Union[int, str]]],
+                     checkpoint: str) -> Tuple[Path, List[str]]:
+    """``folder_name`` itself, or else its only trained variant (``__scratch``, ``__lf0.1`` ...: the suffixes
+    ``ortho_train`` adds for --pretrained none and label fractions) that has the requested folds. With several
+    variants the caller's error lists them all: which one is meant is the user's call."""
+    folder = results_dir / folder_name
+    if folder.is_dir() or not results_dir.is_dir():
+        return folder, []
+    wanted = [str(f) for f in folds] if folds else None
+    matches = []
+    for sub in sorted(results_dir.glob(folder_name + "__*")):
+        have = available_folds(sub, checkpoint) if sub.is_dir() else []
+        if have and (wanted is None or all(f in have for f in wanted)):
+            matches.append(sub)
+    if len(matches) != 1:
+        return folder, []
+    return matches[0], [f"model folder {folder_name} does not exist; using {matches[0].name}, the only trained "
+                        f"model of that trainer, plans and configuration"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from orthonet.errors import OrthoError
 from tests.predict_helpers import copy_case, multiview_models, ortho_env
 
 DIAGNOSES = ["lesion_a", "lesion_b"]
@@ -190,3 +191,20 @@ def test_missing_folds_are_a_clear_error(fake_results, capsys):
     assert "no trained model of Dataset972_Fake has a validation of fold(s) 0, 1, 2, 3, 4" in err
     assert "SegTrainer__orthoPlans__3d_fullres (folds 0, 1)" in err and "fix:" in err
     assert find_best_configuration_cli(["-d", "972", "-f", "all"]) == 2
+
+
+def test_prediction_finds_the_only_trained_variant_and_lists_several(fake_results):
+    """``ortho_train ... --pretrained none`` writes ``...__scratch``; ``ortho_predict -d D -f 0`` must find it when
+    it is the only trained model of that trainer/plans/configuration, and list the candidates when several are."""
+    from inference.model_selection import resolve_models
+    results = fake_results["results"]
+    _write_model(results, "SegTrainer__orthoPlans__3d_lowres__scratch", "seg", dice=0.7)
+    sel = resolve_models(972, configuration="3d_lowres", trainer="SegTrainer", folds=[0])
+    assert [m.name for m in sel.models] == ["SegTrainer__orthoPlans__3d_lowres__scratch"]
+    assert any("using SegTrainer__orthoPlans__3d_lowres__scratch" in n for n in sel.notes)
+    _write_model(results, "SegTrainer__orthoPlans__3d_lowres__lf0.1", "seg", dice=0.6)
+    with pytest.raises(OrthoError) as err:
+        resolve_models(972, configuration="3d_lowres", trainer="SegTrainer", folds=[0])
+    assert "__scratch" in str(err.value) and "__lf0.1" in str(err.value)
+    # the exact folder still wins over its variants
+    assert resolve_models(972, trainer="DiagTrainer", folds=[0]).models[0].name == "DiagTrainer__orthoPlans__3d_fullres"
