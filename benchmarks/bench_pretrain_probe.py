@@ -268,13 +268,9 @@ def dense_probe(args: argparse.Namespace, pre: Path, models, n_cases: int = 30, 
 # the linear probe
 # ------------------------------------------------------------------------------------------------------------
 def auc(scores: np.ndarray, y: np.ndarray) -> float:
-    """Mann-Whitney AUC with average ranks for ties (NaN when a class is missing)."""
-    from scipy.stats import rankdata
-    pos, neg = y == 1, y == 0
-    if pos.sum() == 0 or neg.sum() == 0:
-        return float("nan")
-    r = rankdata(scores)
-    return float((r[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * neg.sum()))
+    """ROC AUC (orthonet.metrics, i.e. scikit-learn; NaN when a class is missing)."""
+    from orthonet.metrics import roc_auc
+    return roc_auc(y, scores)
 
 
 def macro_auc(scores: np.ndarray, y: np.ndarray) -> float:

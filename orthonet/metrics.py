@@ -17,7 +17,6 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
-from scipy.stats import rankdata
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -133,34 +132,22 @@ def _known(y, score) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def roc_auc(y, score) -> float:
-    """Area under the ROC curve via the Mann-Whitney U statistic (ties count one half); NaN if one class."""
+    """Area under the ROC curve (scikit-learn; ties count one half); NaN with one class only or no known label."""
     yb, s = _known(y, score)
-    n_pos = int(yb.sum())
-    n_neg = int(yb.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
+    if yb.all() or not yb.any():
         return float("nan")
-    ranks = rankdata(s)  # midranks for ties
-    u = ranks[yb].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    from sklearn.metrics import roc_auc_score   # imported here: scikit-learn takes about a second to import
+    return float(roc_auc_score(yb, s))
 
 
 def average_precision(y, score) -> float:
-    """Average precision: sum over score thresholds of (recall step) x precision, ties grouped as one
-    threshold (the step-wise definition scikit-learn uses). NaN without positives or without negatives."""
+    """Average precision (scikit-learn's step-wise definition, tied scores one threshold). NaN without positives
+    or without negatives."""
     yb, s = _known(y, score)
-    n_pos = int(yb.sum())
-    if n_pos == 0 or n_pos == yb.size:
+    if yb.all() or not yb.any():
         return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, y_sorted = s[order], yb[order]
-    tps = np.cumsum(y_sorted)
-    fps = np.cumsum(~y_sorted)
-    last = np.r_[np.where(np.diff(s_sorted) != 0)[0], y_sorted.size - 1]  # end of each tie group
-    tp, fp = tps[last].astype(float), fps[last].astype(float)
-    precision = tp / (tp + fp)
-    recall = tp / n_pos
-    steps = np.diff(np.r_[0.0, recall])
-    return float(np.sum(steps * precision))
+    from sklearn.metrics import average_precision_score
+    return float(average_precision_score(yb, s))
 
 
 def sensitivity_specificity(y, pred) -> Tuple[float, float]:
@@ -180,15 +167,12 @@ def youden_threshold(y, score) -> float:
     more specific rule). NaN when one class is absent.
     """
     yb, s = _known(y, score)
-    if yb.sum() == 0 or (~yb).sum() == 0:
+    if yb.all() or not yb.any():
         return float("nan")
-    best_t, best_j = float("nan"), -np.inf
-    for t in np.unique(s)[::-1]:
-        sens, spec = sensitivity_specificity(yb.astype(float), (s >= t).astype(float))
-        j = sens + spec - 1.0
-        if j > best_j + 1e-12:
-            best_t, best_j = float(t), j
-    return best_t
+    from sklearn.metrics import roc_curve
+    fpr, tpr, thresholds = roc_curve(yb, s, drop_intermediate=False)   # thresholds decreasing, the first is +inf
+    j = (tpr - fpr)[1:]
+    return float(thresholds[1:][int(np.argmax(j >= j.max() - 1e-12))])     # the highest of the best thresholds
 
 
 def per_label(metric, y: np.ndarray, scores: np.ndarray, names: Optional[Sequence[str]] = None
