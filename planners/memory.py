@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, Sequence
 
-from planners.network_spec import instantiate
+from orthonet.networks.build import build_network
 
 REFERENCE_GB = 8.0
 
@@ -29,7 +29,7 @@ class MemoryReference:
 
 @lru_cache(maxsize=4096)
 def _count(entry_json: str, patch_size: tuple, input_channels: int, num_classes: int) -> int:
-    net = instantiate(json.loads(entry_json), input_channels, num_classes, deep_supervision=True, device="meta")
+    net = build_network(json.loads(entry_json), input_channels, num_classes, deep_supervision=True, device="meta")
     return int(net.compute_conv_feature_map_size(list(patch_size)))
 
 

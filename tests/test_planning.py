@@ -15,7 +15,7 @@ from orthonet.errors import OrthoError
 from orthonet.imageio import Geometry
 from orthonet.synthetic.views import ViewGrid
 from planners.memory import estimated_gb, feature_map_count
-from planners.network_spec import instantiate
+from orthonet.networks.build import build_network
 from planners.planner import DefaultPlanner
 from planners.plans import load_plans
 from planners.resenc_planner import ResEncPlanner
@@ -232,7 +232,7 @@ def test_network_entry_builds_a_working_network(tmp_path, planner_cls):
     import torch
 
     torch.manual_seed(0)
-    net = instantiate(entry, input_channels=2, num_classes=3)
+    net = build_network(entry, input_channels=2, num_classes=3)
     with torch.no_grad():
         out = net(torch.zeros(1, 2, *cfg["patch_size"]))
     assert tuple(out.shape) == (1, 3, *cfg["patch_size"])

@@ -19,7 +19,7 @@ from torch import nn
 from orthonet.errors import OrthoError
 
 #: Keys the consumer supplies; a spec that carries them is rejected (they would silently fight the caller).
-_CONSUMER_KEYS = ("input_channels", "num_classes", "deep_supervision")
+CONSUMER_KEYS = ("input_channels", "num_classes", "deep_supervision")
 
 
 def _locate(name: str, what: str) -> Any:
@@ -35,7 +35,7 @@ def _check_spec(spec: Dict) -> None:
     if not isinstance(spec, dict) or "class_name" not in spec or "kwargs" not in spec:
         raise OrthoError("network entry must be a dict with 'class_name' and 'kwargs'",
                          fix="re-run ortho_plan_and_preprocess or repair the 'network' entry of plans.json")
-    bad = [k for k in _CONSUMER_KEYS if k in spec["kwargs"]]
+    bad = [k for k in CONSUMER_KEYS if k in spec["kwargs"]]
     if bad:
         raise OrthoError(f"network kwargs must not contain {bad}: they are supplied by the trainer",
                          fix="remove these keys from the 'network' entry of plans.json")
@@ -85,17 +85,25 @@ def initialize_network(network: nn.Module) -> nn.Module:
     return network
 
 
-def build_network(spec: Dict, input_channels: int, num_classes: int, deep_supervision: bool = False) -> nn.Module:
-    """The plain DNA segmentation network of a plans ``network`` entry, initialised as DNA/nnU-Net does."""
+def build_network(spec: Dict, input_channels: int, num_classes: int, deep_supervision: bool = False,
+                  device: Optional[str] = None) -> nn.Module:
+    """The plain DNA segmentation network of a plans ``network`` entry, initialised as DNA/nnU-Net does.
+
+    The one resolver of plans' network entries: the trainers, the pretrainer, the predictor and the planner's
+    memory estimate all build through it. ``device='meta'`` builds the module without allocating (or
+    initialising) weights, which is all the planner needs to count feature-map voxels.
+    """
+    import torch
     cls = network_class(spec)
     kwargs = resolve_network_kwargs(spec)
     try:
-        network = cls(input_channels=input_channels, num_classes=num_classes, deep_supervision=deep_supervision,
-                      **kwargs)
+        with torch.device(device or "cpu"):
+            network = cls(input_channels=input_channels, num_classes=num_classes, deep_supervision=deep_supervision,
+                          **kwargs)
     except (TypeError, AssertionError, ValueError) as e:
         raise OrthoError(f"cannot build {spec['class_name'].rsplit('.', 1)[-1]} from the plans' network entry: {e}",
                          fix="repair the network kwargs in plans.json (or re-plan the dataset)") from None
-    return initialize_network(network)
+    return network if device == "meta" else initialize_network(network)
 
 
 def build_encoder(spec: Dict, input_channels: int) -> nn.Module:
