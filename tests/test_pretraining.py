@@ -224,7 +224,7 @@ def test_resume_continues_at_the_right_step_and_matches_an_uninterrupted_run(env
     resumed.setup()
     resumed.resume(latest)
     assert resumed.step == 6 and len(resumed.loss_history) == 6
-    assert resumed.lr_scheduler.current_step == 6
+    assert resumed.lr_scheduler.last_epoch == 6
     got, want = _flat_optimizer_tensors(resumed.optimizer.state_dict()), _flat_optimizer_tensors(straight.state_at_6)
     assert [k for k, _ in got] == [k for k, _ in want]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))

@@ -24,8 +24,8 @@ from training.checkpoint import (apply_checkpoint, capture_rng_state, load_check
 from training.losses import (DeepSupervisionLoss, DiceCELoss, MaskedBCEWithLogitsLoss, SoftDiceLoss,
                              compute_pos_weight, deep_supervision_weights, diffusion_mse_loss)
 from training.progress import ProgressLogger, loss_curve_png, moving_average
-from training.schedules import (CosineWarmupScheduler, PolyLRScheduler, WarmupPolyLRScheduler, cosine_factor,
-                                poly_factor, split_param_groups)
+from training.schedules import (cosine_factor, cosine_warmup_schedule, load_scheduler_state, poly_factor,
+                                poly_schedule, split_param_groups, warmup_poly_schedule)
 from training.splits import get_fold, label_fraction_subset, load_or_create_splits, make_splits
 
 torch.set_num_threads(1)
@@ -228,10 +228,11 @@ def _opt(params=None, lr=0.01):
     return torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")  # no optimizer here
 def test_poly_and_cosine():
     assert poly_factor(50, 100) == pytest.approx(0.5 ** 0.9)
     assert poly_factor(100, 100) == 0.0 and poly_factor(150, 100) == 0.0
-    sched = PolyLRScheduler(_opt(), 0.01, 100)
+    sched = poly_schedule(_opt(), 100)
     assert sched.get_last_lr() == [0.01]
     for _ in range(50):
         sched.step()
@@ -240,28 +241,46 @@ def test_poly_and_cosine():
     assert cosine_factor(9, 100, 10) == pytest.approx(1.0)
     assert cosine_factor(55, 100, 10) == pytest.approx(0.5)  # half-way through the cosine part
     assert cosine_factor(100, 100, 10, min_factor=0.1) == pytest.approx(0.1)
-    cos = CosineWarmupScheduler(_opt(lr=1e-4), None, 100, warmup_steps=10)
+    cos = cosine_warmup_schedule(_opt(lr=1e-4), 100, warmup_steps=10)
     assert cos.get_last_lr()[0] == pytest.approx(1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")  # no optimizer here
+def test_schedules_load_the_step_only_state_of_older_checkpoints():
+    """Checkpoints written before LambdaLR stored {'current_step': n}; resuming one gives the learning rates of n."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    opt = torch.optim.SGD(split_param_groups(model, {"0.weight", "0.bias"}, lr=0.01), lr=0.01)
+    sched = warmup_poly_schedule(opt, 100, 10, 0.1)
+    load_scheduler_state(sched, {"current_step": 5})
+    assert sched.last_epoch == 5
+    assert sched.get_last_lr()[0] == pytest.approx(0.01 * poly_factor(5, 100) * 0.55)
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.01 * poly_factor(5, 100))
+    sched.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.01 * poly_factor(6, 100))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")  # no optimizer here
 def test_warmup_for_pretrained_groups_and_exact_resume():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     groups = split_param_groups(model, {"0.weight", "0.bias"}, lr=0.01)
     assert [g["name"] for g in groups] == ["pretrained", "new"] and len(groups[0]["params"]) == 2
     opt = torch.optim.SGD(groups, lr=0.01)
-    sched = WarmupPolyLRScheduler(opt, None, max_steps=100, warmup_steps=10, pretrained_lr_multiplier=0.1)
+    sched = warmup_poly_schedule(opt, max_steps=100, warmup_steps=10, pretrained_lr_multiplier=0.1)
     pre, new = sched.get_last_lr()
     assert pre == pytest.approx(0.001) and new == pytest.approx(0.01)
-    sched.step(5)  # half-way through the warm-up: 0.1 + 0.9 * 0.5 = 0.55 of poly
+    for _ in range(5):
+        sched.step()  # half-way through the warm-up: 0.1 + 0.9 * 0.5 = 0.55 of poly
     assert sched.get_last_lr()[0] == pytest.approx(0.01 * poly_factor(5, 100) * 0.55)
-    sched.step(10)
+    for _ in range(5):
+        sched.step()
     pre, new = sched.get_last_lr()
     assert pre == pytest.approx(new) == pytest.approx(0.01 * poly_factor(10, 100))
     # resume: a fresh optimizer + scheduler loaded from state reproduce the same learning rates
     state = sched.state_dict()
     opt2 = torch.optim.SGD(split_param_groups(model, {"0.weight", "0.bias"}, lr=0.01), lr=0.01)
-    sched2 = WarmupPolyLRScheduler(opt2, None, 100, 10, 0.1)
+    sched2 = warmup_poly_schedule(opt2, 100, 10, 0.1)
     sched2.load_state_dict(state)
+    opt2.load_state_dict(opt.state_dict())
     for _ in range(7):
         sched.step()
         sched2.step()
@@ -285,7 +304,7 @@ def _fresh(seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.3), nn.Linear(8, 1))
     opt = _opt(model.parameters(), 0.05)
-    return model, opt, PolyLRScheduler(opt, 0.05, 20)
+    return model, opt, poly_schedule(opt, 20)
 
 
 def test_checkpoint_roundtrip_weights_only_and_exact_resume(tmp_path):
@@ -307,7 +326,7 @@ def test_checkpoint_roundtrip_weights_only_and_exact_resume(tmp_path):
     ckpt = load_checkpoint(path)
     apply_checkpoint(ckpt, model2, opt2, sched2)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
-    assert sched2.current_step == 3 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert sched2.last_epoch == 3 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
     _train_steps(model2, opt2, sched2, 3)
     for a, b in zip(straight[0].state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)  # bit-identical to the uninterrupted run (data, dropout, momentum)

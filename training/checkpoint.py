@@ -19,6 +19,7 @@ from torch import nn
 from orthonet.diffusion.ema import unwrap as unwrap_model  # noqa: F401 (one definition, re-exported)
 from orthonet.errors import OrthoError
 from orthonet.fileio import atomic_path
+from training.schedules import load_scheduler_state
 
 PathLike = Union[str, Path]
 FORMAT_VERSION = 1
@@ -148,6 +149,9 @@ def apply_checkpoint(ckpt: Dict[str, Any], model: Optional[nn.Module] = None,
     for obj, key in pairs:
         if obj is not None and ckpt.get(key) is not None:
             target = unwrap_model(obj) if isinstance(obj, nn.Module) else obj
-            target.load_state_dict(ckpt[key])
+            if key == "scheduler":
+                load_scheduler_state(target, ckpt[key])
+            else:
+                target.load_state_dict(ckpt[key])
     if restore_rng and ckpt.get("rng") is not None:
         restore_rng_state(ckpt["rng"])

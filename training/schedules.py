@@ -1,21 +1,25 @@
-"""Learning-rate schedules as pure functions of the step.
+"""Learning-rate schedules: torch's ``LambdaLR`` with one pure factor function of the step per parameter group.
 
-Why pure functions: a run resumed after a kill must continue with exactly the learning rate it would have had,
-so the only state is the step counter (stored in the checkpoint). Each scheduler sets
-``group['lr'] = group['initial_lr'] * factor(step, group)``; ``factor`` is where subclasses differ.
+Why LambdaLR with pure functions: a run resumed after a kill must continue with exactly the learning rate it would
+have had; the scheduler's state is the step (``last_epoch``) and the groups' base learning rates, both in its
+``state_dict`` (checkpoints store it), and the factor is recomputed from them. The factory functions below build the
+schedules orthonet uses; ``lr = base_lr * factor(step)`` per group, ``base_lr`` being the group's ``lr`` when the
+scheduler is built.
 
 Parameter groups: mark pretrained parameters with ``group['pretrained'] = True`` (see :func:`split_param_groups`)
-and :class:`WarmupPolyLRScheduler` gives them a lower learning rate during a short linear warm-up, so the freshly
+and :func:`warmup_poly_schedule` gives them a lower learning rate during a short linear warm-up, so the freshly
 initialised decoder/head does not wreck the pretrained encoder with large early gradients; afterwards every
 group follows the same poly schedule.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Set
+from functools import partial
+from typing import Dict, Iterable, List, Set
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -45,90 +49,53 @@ def cosine_factor(step: int, max_steps: int, warmup_steps: int = 0, min_factor: 
 
 
 # ------------------------------------------------------------------------------------------------------------
-# schedulers (state = the step)
+# schedulers (LambdaLR; state = the step)
 # ------------------------------------------------------------------------------------------------------------
-class StepScheduler:
-    """Base: holds the optimizer and the step; ``step()`` advances by one, ``step(k)`` jumps to step k."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: Optional[float] = None, current_step: int = 0):
-        self.optimizer = optimizer
-        for g in optimizer.param_groups:
-            if initial_lr is not None and "initial_lr" not in g:
-                g["initial_lr"] = initial_lr * g.get("lr_scale", 1.0)
-            g.setdefault("initial_lr", g["lr"])
-        self.current_step = int(current_step)
-        self._apply()
-
-    def factor(self, step: int, group: Dict) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def lr_at(self, step: int, group_index: int = 0) -> float:
-        """Learning rate of one parameter group at ``step`` (no side effects; for plots and tests)."""
-        g = self.optimizer.param_groups[group_index]
-        return g["initial_lr"] * self.factor(step, g)
-
-    def _apply(self) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * self.factor(self.current_step, g)
-
-    def step(self, current_step: Optional[int] = None) -> None:
-        self.current_step = self.current_step + 1 if current_step is None else int(current_step)
-        self._apply()
-
-    def get_last_lr(self) -> List[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
-
-    def state_dict(self) -> Dict:
-        return {"current_step": self.current_step}
-
-    def load_state_dict(self, state: Dict) -> None:
-        self.current_step = int(state["current_step"])
-        self._apply()
+def _warmup_poly(step: int, max_steps: int, warmup_steps: int, start: float, exponent: float) -> float:
+    return poly_factor(step, max_steps, exponent) * linear_warmup_factor(step, warmup_steps, start)
 
 
-class PolyLRScheduler(StepScheduler):
-    """lr = initial_lr * (1 - step / max_steps) ** exponent, as nnU-Net (step = iteration or epoch)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: Optional[float], max_steps: int,
-                 exponent: float = 0.9, current_step: int = 0):
-        self.max_steps = int(max_steps)
-        self.exponent = exponent
-        super().__init__(optimizer, initial_lr, current_step)
-
-    def factor(self, step: int, group: Dict) -> float:
-        return poly_factor(step, self.max_steps, self.exponent)
+def poly_schedule(optimizer: torch.optim.Optimizer, max_steps: int, exponent: float = 0.9) -> LambdaLR:
+    """lr = base_lr * (1 - step / max_steps) ** exponent, as nnU-Net (step = iteration or epoch)."""
+    return LambdaLR(optimizer, partial(poly_factor, max_steps=int(max_steps), exponent=exponent))
 
 
-class WarmupPolyLRScheduler(PolyLRScheduler):
+def warmup_poly_schedule(optimizer: torch.optim.Optimizer, max_steps: int, warmup_steps: int,
+                         pretrained_lr_multiplier: float = 0.1, new_lr_multiplier: float = 1.0,
+                         exponent: float = 0.9) -> LambdaLR:
     """Poly schedule where groups with ``pretrained=True`` start at ``pretrained_lr_multiplier`` x their poly LR
     and ramp linearly to 1 x over ``warmup_steps``; other groups follow plain poly (optionally with their own
     warm-up start ``new_lr_multiplier``)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: Optional[float], max_steps: int,
-                 warmup_steps: int, pretrained_lr_multiplier: float = 0.1, new_lr_multiplier: float = 1.0,
-                 exponent: float = 0.9, current_step: int = 0):
-        self.warmup_steps = int(warmup_steps)
-        self.pretrained_lr_multiplier = float(pretrained_lr_multiplier)
-        self.new_lr_multiplier = float(new_lr_multiplier)
-        super().__init__(optimizer, initial_lr, max_steps, exponent, current_step)
-
-    def factor(self, step: int, group: Dict) -> float:
-        start = self.pretrained_lr_multiplier if group.get("pretrained", False) else self.new_lr_multiplier
-        return poly_factor(step, self.max_steps, self.exponent) * linear_warmup_factor(step, self.warmup_steps, start)
+    lambdas = [partial(_warmup_poly, max_steps=int(max_steps), warmup_steps=int(warmup_steps), exponent=exponent,
+                       start=float(pretrained_lr_multiplier if g.get("pretrained", False) else new_lr_multiplier))
+               for g in optimizer.param_groups]
+    return LambdaLR(optimizer, lambdas)
 
 
-class CosineWarmupScheduler(StepScheduler):
+def cosine_warmup_schedule(optimizer: torch.optim.Optimizer, max_steps: int, warmup_steps: int = 0,
+                           min_factor: float = 0.0) -> LambdaLR:
     """Linear warm-up then cosine decay (diffusion pretraining with AdamW)."""
+    return LambdaLR(optimizer, partial(cosine_factor, max_steps=int(max_steps), warmup_steps=int(warmup_steps),
+                                       min_factor=float(min_factor)))
 
-    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: Optional[float], max_steps: int,
-                 warmup_steps: int = 0, min_factor: float = 0.0, current_step: int = 0):
-        self.max_steps = int(max_steps)
-        self.warmup_steps = int(warmup_steps)
-        self.min_factor = float(min_factor)
-        super().__init__(optimizer, initial_lr, current_step)
 
-    def factor(self, step: int, group: Dict) -> float:
-        return cosine_factor(step, self.max_steps, self.warmup_steps, self.min_factor)
+def scheduler_step(scheduler: LambdaLR) -> int:
+    """The step the scheduler's learning rates are for (LambdaLR counts it in ``last_epoch``)."""
+    return int(scheduler.last_epoch)
+
+
+def load_scheduler_state(scheduler: LambdaLR, state: Dict) -> None:
+    """Load a LambdaLR state, or the ``{'current_step': n}`` state of checkpoints written before orthonet used
+    LambdaLR (the schedule is a pure function of the step, so setting the step restores it exactly)."""
+    if "current_step" not in state:
+        scheduler.load_state_dict(state)
+        return
+    step = int(state["current_step"])
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs   # what get_last_lr() reports, as LambdaLR.step() would have set it
 
 
 def split_param_groups(model: nn.Module, pretrained_names: Iterable[str], **group_kwargs) -> List[Dict]:

@@ -32,7 +32,7 @@ from training.options import TrainOptions, fold_dir_name, model_dir, model_folde
 from training.pretrained import PretrainedSource, find_pretrained, load_encoder_file, network_hash
 from training.progress import ProgressLogger
 from training.runtime import autocast, default_num_workers, memory_format_for, resolve_device, seed_everything
-from training.schedules import WarmupPolyLRScheduler, split_param_groups
+from training.schedules import scheduler_step, split_param_groups, warmup_poly_schedule
 from training.splits import get_fold, label_fraction_subset, load_or_create_splits
 
 
@@ -272,8 +272,7 @@ class BaseTrainer:
         optimizer = torch.optim.SGD(groups, lr=self.initial_lr, momentum=self.momentum, nesterov=True,
                                     weight_decay=self.weight_decay)
         warmup = max(1, int(round(self.warmup_fraction * self.total_steps()))) if pretrained_names else 0
-        scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.total_steps(), warmup,
-                                          self.pretrained_lr_multiplier)
+        scheduler = warmup_poly_schedule(optimizer, self.total_steps(), warmup, self.pretrained_lr_multiplier)
         return optimizer, scheduler
 
     def build_train_loader(self):
@@ -362,7 +361,7 @@ class BaseTrainer:
     def save(self, name: str) -> None:
         if self.is_main:
             save_checkpoint(self.output_dir / name, self.model, self.optimizer, self.scheduler,
-                            epoch=self.epoch, step=self.scheduler.current_step, extra=self.checkpoint_extra())
+                            epoch=self.epoch, step=scheduler_step(self.scheduler), extra=self.checkpoint_extra())
 
     def resume(self) -> bool:
         """Continue from checkpoint_latest (or final/best); False when there is nothing to resume."""
@@ -377,7 +376,7 @@ class BaseTrainer:
                 self.smoothed_score = extra.get("smoothed_score")
                 self.pretrained_report = {"source": extra.get("pretrained")}
                 self.progress.truncate(self.epoch)
-                self.log(f"resumed from {path.name} at epoch {self.epoch} (step {self.scheduler.current_step})")
+                self.log(f"resumed from {path.name} at epoch {self.epoch} (step {scheduler_step(self.scheduler)})")
                 return True
         self.log("--c: no checkpoint to resume from; starting a new run")
         return False

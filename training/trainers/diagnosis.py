@@ -58,12 +58,11 @@ class DiagTrainer(BaseTrainer):
         return [c for c in val if c in self.diagnoses and not np.all(np.isnan(self.diagnoses[c]))]
 
     def build_optimizer(self, model, pretrained_names):
-        from training.schedules import WarmupPolyLRScheduler, split_param_groups
+        from training.schedules import split_param_groups, warmup_poly_schedule
         groups = split_param_groups(model, pretrained_names)
         optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, weight_decay=self.weight_decay)
         warmup = max(1, int(round(self.warmup_fraction * self.total_steps()))) if pretrained_names else 0
-        return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.total_steps(), warmup,
-                                                self.pretrained_lr_multiplier)
+        return optimizer, warmup_poly_schedule(optimizer, self.total_steps(), warmup, self.pretrained_lr_multiplier)
 
     def diagnosis_loss(self) -> MaskedBCEWithLogitsLoss:
         labels = np.stack([self.diagnoses[c] for c in self.train_cases]) if self.train_cases else None

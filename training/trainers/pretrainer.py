@@ -40,7 +40,9 @@ from training.data.factory import make_pretraining_loader
 from training.pretrained import network_hash, pretrain_view_dir, save_encoder_file
 from training.progress import loss_curve_png
 from training.runtime import autocast, default_num_workers, memory_format_for, seed_everything
-from training.schedules import CosineWarmupScheduler, StepScheduler
+from torch.optim.lr_scheduler import LambdaLR
+
+from training.schedules import cosine_warmup_schedule
 
 PathLike = Union[str, Path]
 CHECKPOINT_KIND = "orthonet-diffusion-pretraining"
@@ -196,10 +198,10 @@ class DiffusionPretrainer:
                   {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=(0.9, 0.999))
 
-    def build_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> StepScheduler:
+    def build_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> LambdaLR:
         """Linear warm-up, then cosine decay to ``lr * min_lr_factor`` (a pure function of the step)."""
         warmup = min(self.settings.warmup_steps, self.settings.steps // 10)
-        return CosineWarmupScheduler(optimizer, self.lr, self.settings.steps, warmup, self.settings.min_lr_factor)
+        return cosine_warmup_schedule(optimizer, self.settings.steps, warmup, self.settings.min_lr_factor)
 
     def build_ema(self, model: nn.Module) -> EMA:
         return EMA(model, decay=self.settings.ema_decay, warmup=True)
@@ -272,9 +274,8 @@ class DiffusionPretrainer:
                                  f"this run uses {mine[key]!r}", checkpoint,
                                  fix="restore the plans/options of that run, or delete the view folder (or omit "
                                      "--c) to start over")
-        apply_checkpoint(ckpt, self.model, self.optimizer, None, self.ema, restore_rng=True)
+        apply_checkpoint(ckpt, self.model, self.optimizer, self.lr_scheduler, self.ema, restore_rng=True)
         self.step = int(ckpt["step"])
-        self.lr_scheduler.step(self.step)
         history = extra.get("loss_history")
         self.loss_history = [] if history is None else [float(v) for v in history.tolist()]
         self.loss_history = self.loss_history[:self.step]
@@ -358,7 +359,7 @@ class DiffusionPretrainer:
         if self.settings.grad_clip and self.settings.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         self.optimizer.step()
-        self.lr_scheduler.step(self.step + 1)
+        self.lr_scheduler.step()
         self.ema.update(self.model)
         value = float(dist_utils.all_reduce_mean(loss.detach().float()).item())
         self.loss_history.append(value)
