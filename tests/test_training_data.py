@@ -478,6 +478,19 @@ def test_killed_worker_is_detected_with_clear_message(store):
     assert info.value.worker == 0 and info.value.case == "case04"
 
 
+def test_stuck_worker_is_reported_after_the_timeout_with_its_case(store):
+    source = ImageBatchSource(store, ["case04"], "sagittal", 1, (8, 8, 8), transforms=_Hang())
+    loader = BatchLoader(source, num_workers=1, seed=0, timeout_s=2.0)
+    try:
+        t0 = time.time()
+        with pytest.raises(LoaderError, match=r"worker 0 produced no batch for 2 s \(it is loading case 'case04' "
+                                              r"\(view 'sagittal'\)\)"):
+            next(loader)
+        assert time.time() - t0 < 15
+    finally:
+        loader.close()
+
+
 def test_worker_killed_between_batches_is_detected(store):
     source = ImageBatchSource(store, store.cases(), "coronal", 2, (16, 8, 16))
     loader = BatchLoader(source, num_workers=2, seed=1)

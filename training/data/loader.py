@@ -1,17 +1,18 @@
-"""Batch iterator with background worker processes that fail loudly and precisely.
+"""Batches from ``torch.utils.data.DataLoader`` worker processes, with errors that name the case and view.
 
-Why our own small worker pool instead of batchgenerators' augmenters: their workers print an exception and die,
+Why a wrapper around DataLoader (and not batchgenerators' augmenters): their workers print an exception and die,
 and the main process later reports only "One or more background workers are no longer alive" — nnU-Net's most
-reported complaint. Here a worker that raises sends the case, view, exception and traceback to the main process,
-which raises :class:`LoaderError` naming them; a worker that is killed (e.g. by the out-of-memory killer) is
-detected by its exit code, and the case it was reading is read from shared memory. The per-sample work itself
-(patch sampling, batchgeneratorsv2 transforms) is the same in-process and in workers.
+reported complaint — and DataLoader itself re-raises a worker's exception without the case it was reading. This
+module keeps only what is ours: a worker that raises sends the case, view, exception and traceback to the main
+process, which raises :class:`LoaderError` naming them; a worker that is killed (e.g. by the out-of-memory killer)
+or stuck is reported with the case it was reading (mirrored into shared memory). Worker processes, prefetching
+(``num_cached`` = DataLoader's ``prefetch_factor``), memory pinning and shutdown are DataLoader's.
 
-Determinism: worker ``w`` owns batches ``w, w + n, w + 2n, ...`` and draws from seeds derived from
-``(seed, w)``; the main process takes batches in index order. The batch sequence therefore depends only on
-``seed`` and ``num_workers``, and ``num_workers=0`` (everything in-process, for debugging) gives exactly the
-batches of ``num_workers=1``. The global numpy/torch/python RNGs the transforms use are sandboxed, so loading does
-not disturb (and is not disturbed by) the trainer's own random state.
+Determinism: worker ``w`` of ``n`` makes batches ``w, w + n, w + 2n, ...`` (an IterableDataset split by
+``get_worker_info``) from seeds derived from ``(seed, w)``; DataLoader hands them out in index order. The batch
+sequence therefore depends only on ``seed`` and ``num_workers``, and ``num_workers=0`` (everything in-process,
+for debugging) gives exactly the batches of ``num_workers=1``. The global numpy/torch/python RNGs the transforms
+use are sandboxed, so loading does not disturb (and is not disturbed by) the trainer's own random state.
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ import signal
 import sys
 import time
 import traceback
-import weakref
 from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from orthonet.errors import OrthoError
 from training.data.sources import BatchSource, LoadTracker
@@ -118,57 +119,40 @@ class _WorkerState:
             return source.make_batch(index, self.rng, self.tracker)
 
 
-def _worker_main(source: BatchSource, worker_index: int, num_workers: int, seed: int, conn, slots, stop_event,
-                 shared_status, parent_pid: int, total: Optional[int]) -> None:
-    """Worker loop: make batches worker_index, worker_index + n, ...; report the first error and stop.
+_ERROR_KEY = "__orthonet_loader_error__"
+_STATUS_BYTES = 1024
+_POLL_S = 1.0   # how often a waiting main process checks that its workers are alive
 
-    ``conn`` is the write end of a one-way pipe. ``slots`` (a semaphore the main process releases for every batch
-    it takes) bounds the batches in flight per worker: tensors travel as shared-memory handles, so the pipe
-    itself would never push back.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process, which stops us
-    torch.set_num_threads(1)
-    state = _WorkerState(seed, worker_index, shared_status)
-    index = worker_index
 
-    def alive() -> bool:
-        return not stop_event.is_set() and os.getppid() == parent_pid  # stopped, or the trainer died
+class _BatchStream(IterableDataset):
+    """The batches of one worker (``w, w + n, ...``); an error travels as a batch carrying its description, so
+    the main process can raise a :class:`LoaderError` with the case and view (DataLoader would drop them)."""
 
-    def send(item) -> bool:
-        if not alive():
-            return False
-        try:
-            conn.send(item)
-            return True
-        except (BrokenPipeError, EOFError, OSError):
-            return False
+    def __init__(self, source: BatchSource, seed: int, total: Optional[int], status: List[Any], pids: Any):
+        self.source, self.seed, self.total, self.status, self.pids = source, seed, total, status, pids
 
-    def linger() -> None:
-        # stay alive until stopped: the main process can open the shared-memory handles of batches it has not
-        # read yet only while this process (their sender) exists
-        while alive():
-            time.sleep(0.05)
-
-    try:
-        while alive():
-            if total is not None and index >= total:
-                send(("done", index, None))
-                linger()
-                return
-            if not slots.acquire(timeout=0.1):
-                continue
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        info = get_worker_info()
+        w, n = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
+            torch.set_num_threads(1)
+            self.pids[w] = os.getpid()
+        state = _WorkerState(self.seed, w, self.status[w] if info is not None else None)
+        index = w
+        while self.total is None or index < self.total:
             try:
-                batch = state.make(source, index)
+                batch = state.make(self.source, index)
             except BaseException as e:  # report everything (also SystemExit from a misbehaving library)
-                send(("error", index, _error_info(e, state.tracker)))
-                linger()
+                yield {_ERROR_KEY: _error_info(e, state.tracker), "index": index}
                 return
-            if not send(("batch", index, batch)):
-                return
-            index += num_workers
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
+            yield {"index": index, "batch": batch}
+            index += n
+
+
+def _as_is(item: Any) -> Any:
+    """DataLoader's per-item conversion, made a no-op: batches are already collated tensors."""
+    return item
 
 
 def _signal_name(code: int) -> str:
@@ -179,11 +163,11 @@ def _signal_name(code: int) -> str:
 
 
 class BatchLoader:
-    """Iterator over batches of ``source``; ``num_workers`` background processes (0 = in-process).
+    """Iterator over batches of ``source``; ``num_workers`` DataLoader worker processes (0 = in-process).
 
-    Each worker runs at most ``num_cached`` batches ahead of the consumer. ``timeout_s`` bounds how long the main process waits for one batch of a live worker before reporting it as
-    stuck. Use as a context manager or call :meth:`close` (workers are also stopped when the loader is garbage
-    collected or the interpreter exits).
+    Each worker runs at most ``num_cached`` batches ahead of the consumer. ``timeout_s`` bounds how long the main
+    process waits for one batch before reporting the worker as stuck. Use as a context manager or call
+    :meth:`close` (DataLoader also stops its workers when the loader is garbage collected or the interpreter exits).
     """
 
     def __init__(self, source: BatchSource, num_workers: int = 0, seed: int = 12345, num_cached: int = 2,
@@ -197,61 +181,36 @@ class BatchLoader:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.total = source.num_batches()
         self._index = 0
-        self._procs: List[Any] = []
-        self._conns: List[Any] = []
-        self._slots: List[Any] = []
+        self._iterator: Optional[Iterator] = None
         self._status: List[Any] = []
-        self._stop = None
-        self._local: Optional[_WorkerState] = None
-        self._started = False
+        self._pids: Any = None
         self._closed = False
-        self._finalizer = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def _start(self) -> None:
-        self._started = True
-        if self.num_workers == 0:
-            self._local = _WorkerState(self.seed, 0)
-            return
         ctx = mp.get_context(self.start_method)
-        self._stop = ctx.Event()
-        for w in range(self.num_workers):
-            reader, writer = ctx.Pipe(duplex=False)
-            slots = ctx.Semaphore(self.num_cached)
-            status = ctx.Array(ctypes.c_char, 1024, lock=False)
-            p = ctx.Process(target=_worker_main, name=f"orthonet-loader-{w}",
-                            args=(self.source, w, self.num_workers, self.seed, writer, slots, self._stop, status,
-                                  os.getpid(), self.total), daemon=True)
-            p.start()
-            writer.close()  # only the worker writes: if it dies mid-message, the read ends in EOF, not a hang
-            self._procs.append(p)
-            self._conns.append(reader)
-            self._slots.append(slots)
-            self._status.append(status)
-        self._finalizer = weakref.finalize(self, BatchLoader._shutdown, self._procs, self._conns, self._stop)
-
-    @staticmethod
-    def _shutdown(procs, conns, stop) -> None:
-        if stop is not None:
-            stop.set()
-        for c in conns:  # a worker blocked in send() gets BrokenPipeError and exits
-            with contextlib.suppress(Exception):
-                c.close()
-        deadline = time.time() + 2.0
-        for p in procs:
-            p.join(timeout=max(0.0, deadline - time.time()))
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=1.0)
+        n = max(1, self.num_workers)
+        self._status = [ctx.Array(ctypes.c_char, _STATUS_BYTES, lock=False) for _ in range(n)]
+        self._pids = ctx.Array(ctypes.c_long, n, lock=False)
+        stream = _BatchStream(self.source, self.seed, self.total, self._status, self._pids)
+        # DataLoader's timeout is the polling slice: __next__ checks for dead workers after each one and reports a
+        # stuck worker only after timeout_s in all
+        workers = dict(num_workers=self.num_workers, multiprocessing_context=ctx, prefetch_factor=self.num_cached,
+                       timeout=min(_POLL_S, self.timeout_s)) if self.num_workers else {}
+        # its own generator: DataLoader draws the workers' base seed from it, never from the trainer's global RNG
+        loader = DataLoader(stream, batch_size=None, collate_fn=_as_is, pin_memory=self.pin_memory,
+                            generator=torch.Generator().manual_seed(self.seed), **workers)
+        previous = signal.getsignal(signal.SIGCHLD) if hasattr(signal, "SIGCHLD") else None
+        self._iterator = iter(loader)
+        if previous is not None and signal.getsignal(signal.SIGCHLD) is not previous:
+            # DataLoader's SIGCHLD handler raises a bare RuntimeError wherever the main process happens to be;
+            # a dead worker is found (and named, with its case) at the next batch instead
+            signal.signal(signal.SIGCHLD, previous)
 
     def _stop_workers(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()
-            self._finalizer = None
-        self._procs, self._conns, self._slots, self._status = [], [], [], []
-        self._started = False
-        self._local = None
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     def close(self) -> None:
         """Stop the workers (idempotent); the loader cannot be used afterwards."""
@@ -272,9 +231,15 @@ class BatchLoader:
 
     @property
     def worker_pids(self) -> List[int]:
-        if not self._started:
+        """Process ids of the workers (starts them; each reports its pid when it begins its first batch)."""
+        if self._iterator is None:
             self._start()
-        return [p.pid for p in self._procs]
+        if not self.num_workers:
+            return []
+        deadline = time.time() + 30.0
+        while not all(self._pids[:]) and time.time() < deadline:
+            time.sleep(0.01)
+        return [int(p) for p in self._pids[:]]
 
     # ---- iteration ---------------------------------------------------------------------------------------
     def __iter__(self) -> "BatchLoader":
@@ -295,56 +260,39 @@ class BatchLoader:
         if self.total is not None and self._index >= self.total:
             self._stop_workers()  # a finished pass frees its workers
             raise StopIteration
-        if not self._started:
+        if self._iterator is None:
             self._start()
         index = self._index
-        if self.num_workers == 0:
-            try:
-                batch = self._local.make(self.source, index)
-            except Exception as e:
-                err = _loader_error(_error_info(e, self._local.tracker), None)
-                self.close()
-                raise err from e
-        else:
-            batch = self._receive(index)
+        item = self._receive(index % max(1, self.num_workers))
+        if _ERROR_KEY in item:
+            self.close()
+            raise _loader_error(item[_ERROR_KEY], index % self.num_workers if self.num_workers else None)
+        if item["index"] != index:  # cannot happen unless the order breaks; never hand out a wrong batch silently
+            self.close()
+            raise RuntimeError(f"data loader order error: expected batch {index}, got {item['index']}")
         self._index += 1
-        if self.pin_memory:
-            batch = _pin(batch)
-        return batch
+        return item["batch"]
 
-    def _receive(self, index: int) -> Dict[str, Any]:
-        w = index % self.num_workers
-        conn, p = self._conns[w], self._procs[w]
+    def _receive(self, w: int) -> Dict[str, Any]:
+        """The next item from DataLoader (worker ``w``'s turn), waiting in slices so a dead worker is found within
+        one slice and a stuck one after ``timeout_s``."""
         waited = 0.0
         while True:
             try:
-                ready = conn.poll(0.2)
-                if ready:
-                    kind, got, payload = conn.recv()
-                    break
-            except (EOFError, OSError, ConnectionError):
-                p.join(timeout=1.0)  # the pipe closed: the worker is gone (killed mid-message or exited)
-                self._dead_worker(w)
-            except Exception as e:  # a message that cannot be unpickled
-                self.close()
-                raise LoaderError(f"data-loading worker {w} sent a batch that cannot be read ({type(e).__name__}: "
-                                  f"{e})", None, None, str(e), w, None, None,
-                                  "rerun with --num-workers 0 to debug in-process") from e
-            waited += 0.2
-            if not p.is_alive() and not conn.poll(0):
-                self._dead_worker(w)
-            if waited >= self.timeout_s:
-                self._stuck_worker(w, waited)
-        if kind == "error":
-            self.close()
-            raise _loader_error(payload, w)
-        if kind == "done":
-            raise StopIteration
-        if got != index:  # cannot happen unless the protocol is broken; never hand out a wrong batch silently
-            self.close()
-            raise RuntimeError(f"data loader protocol error: expected batch {index}, worker {w} sent {got}")
-        self._slots[w].release()  # the worker may start another batch
-        return payload
+                return next(self._iterator)
+            except StopIteration:
+                raise
+            except RuntimeError as e:
+                if not self.num_workers:
+                    raise
+                dead = self._dead_workers()
+                if dead:
+                    self._worker_died(dead[0], e)
+                if "timed out" not in str(e):
+                    self._worker_died(w, e)
+                waited += min(_POLL_S, self.timeout_s)
+                if waited >= self.timeout_s:
+                    self._worker_stuck(w, waited, e)
 
     def _last_case(self, w: int):
         raw = self._status[w].value.decode("utf-8", "replace") if w < len(self._status) else ""
@@ -353,37 +301,38 @@ class BatchLoader:
         case, _, view = raw.partition("\t")
         return case, (view or None)
 
-    def _dead_worker(self, w: int) -> None:
-        p = self._procs[w]
-        code = p.exitcode
+    def _exit_code(self, w: int) -> Optional[int]:
+        workers = getattr(self._iterator, "_workers", None) or []   # DataLoader's worker processes
+        if w < len(workers) and not workers[w].is_alive():
+            workers[w].join(timeout=1.0)
+            return workers[w].exitcode
+        return None
+
+    def _dead_workers(self) -> List[int]:
+        return [i for i in range(self.num_workers) if self._exit_code(i) is not None]
+
+    def _worker_died(self, w: int, error: BaseException) -> None:
         case, view = self._last_case(w)
+        pid = int(self._pids[w]) if self._pids is not None else None
+        code = self._exit_code(w)
         if code is not None and code < 0:
             cause = f"killed by {_signal_name(-code)}"
             fix = ("SIGKILL usually means the system ran out of memory (the OOM killer): use fewer workers "
                    "(--num-workers) or a smaller batch/patch" if -code == signal.SIGKILL else
                    "check what sent the signal; rerun with --num-workers 0 to debug in-process")
         else:
-            cause = f"exited unexpectedly with code {code}"
+            cause = f"exited unexpectedly with code {code}" if code is not None else str(error)
             fix = "rerun with --num-workers 0 to see the error in-process"
         self.close()
         doing = f"while loading {_where(case, view)}" if case else \
             "(between cases: it was not reading a file at that moment)"
-        raise LoaderError(f"data-loading worker {w} (pid {p.pid}) died {doing}: {cause}", case, view, cause, w,
-                          None, None, fix)
+        raise LoaderError(f"data-loading worker {w} (pid {pid}) died {doing}: {cause}", case, view, cause, w,
+                          None, None, fix) from error
 
-    def _stuck_worker(self, w: int, waited: float) -> None:
+    def _worker_stuck(self, w: int, waited: float, error: BaseException) -> None:
         case, view = self._last_case(w)
         self.close()
         raise LoaderError(f"data-loading worker {w} produced no batch for {waited:.0f} s (it is loading "
                           f"{_where(case, view)})", case, view, "timeout", w, None, None,
-                          "a very large case or a stalled file system; raise the timeout or check the file")
-
-
-def _pin(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.pin_memory()
-    if isinstance(obj, dict):
-        return {k: _pin(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_pin(v) for v in obj]
-    return obj
+                          "a very large case or a stalled file system; raise the timeout or check the file") \
+            from error
