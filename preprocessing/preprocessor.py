@@ -179,7 +179,8 @@ def _run_one(paths: List[str], label: Optional[str], plans: Dict, view: str, con
         seg = None
     else:
         data, seg, props = preprocess_labelled_case(paths, label, plans, view, config, case, split)
-    storage.save_case(out_folder, case, view, data, seg, props)
+    patch = plans["views"][view]["configurations"][config].get("patch_size")
+    storage.save_case(out_folder, case, view, data, seg, props, patch)
     return tuple(int(s) for s in data.shape)
 
 

@@ -263,3 +263,28 @@ def test_realistic_generator_tiny_preset(tmp_path, monkeypatch):
     restored = restore_original_geometry(seg, props)
     present = [c for c in np.unique(original) if c > 0 and (original == c).sum() > 50]
     assert present and np.mean([dice(restored, original, c) for c in present]) > 0.95
+
+
+@pytest.mark.parametrize("shape,patch", [((1, 27, 245, 245), (16, 160, 160)), ((2, 40, 512, 512), (20, 160, 128)),
+                                         ((1, 27, 245, 245), (320, 320)), ((1, 6, 20, 20), (16, 64, 64))])
+def test_arrays_are_chunked_for_the_plans_patch_and_read_back_exactly(tmp_path, shape, patch):
+    """Blocks fit L1, chunks fit L3 and follow the patch (a 2D patch: one slice per chunk), and patch reads from
+    the memory-mapped file equal the array."""
+    import blosc2
+    from preprocessing import storage
+    rng = np.random.default_rng(0)
+    data = rng.random(shape, dtype=np.float32)
+    storage.save_case(tmp_path, "c0", "sagittal", data, None, {"split": "Tr"}, patch)
+    stored = storage.open_array(storage.image_file(tmp_path, "c0", "sagittal"))
+    assert isinstance(stored, blosc2.NDArray)
+    blocks, chunks = storage.blosc2_layout(shape, patch, 4)
+    assert tuple(stored.blocks) == blocks and tuple(stored.chunks) == chunks
+    assert np.prod(blocks) * 4 <= storage.L1_BYTES and np.prod(chunks) * 4 <= storage.L3_BYTES
+    assert all(c <= n for c, n in zip(chunks, shape)) and all(c % b == 0 or c == n
+                                                              for c, b, n in zip(chunks, blocks, shape))
+    if len(patch) == 2:
+        assert chunks[1] == 1
+    z, y, x = (min(p, n) for p, n in zip(([1] + list(patch))[-3:], shape[1:]))
+    window = (slice(None), slice(1, 1 + z), slice(2, 2 + y), slice(3, 3 + x))
+    assert np.array_equal(stored[window], data[window])
+    assert np.array_equal(storage.open_array(storage.image_file(tmp_path, "c0", "sagittal"), load=True), data)
