@@ -41,6 +41,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import ints, synthetic_dataset  # noqa: E402 (after the path setup)
+
 DATASET_ID = 991
 DATASET_NAME = f"Dataset{DATASET_ID}_KneeProbe"
 PLANS = "probePlans"
@@ -75,26 +77,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def ints(text: str) -> List[int]:
-    return [int(v) for v in str(text).split(",") if v.strip()]
-
-
 # ------------------------------------------------------------------------------------------------------------
 # data and plans
 # ------------------------------------------------------------------------------------------------------------
 def prepare_data(args: argparse.Namespace) -> Path:
     """Generate + plan + preprocess once (reused when present); write the benchmark plans copy."""
-    from orthonet.synthetic.writer import make_dataset
-    from planners.cli import main as plan_main
     from planners.plans import load_plans, save_plans
 
-    raw = Path(os.environ["ORTHO_raw"]) / DATASET_NAME
-    pre = Path(os.environ["ORTHO_preprocessed"]) / DATASET_NAME
-    if not (raw / "dataset.json").is_file():
-        make_dataset(raw, "knee", n_train=args.n_train, n_test=0, n_unlabeled=args.n_unlabeled, seed=args.seed,
-                     size=args.size, num_processes=2, progress=False)
-    if not (pre / "plans.json").is_file() or not any((pre / f"orthoPlans_{CONFIG}").glob("*.json")):
-        assert plan_main(["-d", str(DATASET_ID), "-c", CONFIG, "-np", "2", "--no-progress"]) == 0
+    pre = synthetic_dataset(DATASET_ID, DATASET_NAME, "knee", args.n_train, args.n_unlabeled, args.seed, args.size,
+                            CONFIG)
     plans = load_plans(pre)
     probe = copy.deepcopy(plans)
     probe["plans_name"] = PLANS

@@ -48,6 +48,11 @@ PRESETS: Dict[str, Dict[str, List[str]]] = {
         "quick": ["--work", str(QUICK_DATA / "pretrain_probe"), "--n-train", "12", "--n-unlabeled", "4",
                   "--steps", "20", "--folds", "2", "--repeats", "1", "--poolings", "mean", "--no-dense"],
     },
+    "bench_whole_exam_diagnosis": {
+        # 120 + 40 default-size knees, 3 pretrained views, 5-fold CV (about 1.5 h on 2 cores); writes its section.
+        "default": [],
+        "quick": ["--quick", "--no-write", "--work", str(QUICK_DATA / "whole_exam_diagnosis")],
+    },
 }
 
 
