@@ -99,29 +99,26 @@ def prepare_data(args: argparse.Namespace) -> Path:
 
 
 def pretrain(args: argparse.Namespace, pre: Path, plans: Dict) -> Dict[str, Dict]:
-    """One denoiser per view, written where ``--pretrained auto`` finds it; patches/s per view."""
+    """One denoiser per view (``ortho_pretrain --patch-size``), written where ``--pretrained auto`` finds it;
+    patches/s per view."""
     from training.pretrained import pretrain_view_dir
     from training.trainers.pretrainer import DiffusionPretrainer, PretrainSettings, loss_drop
 
-    train_plans = copy.deepcopy(plans)
-    if args.pretrain_patch:
-        for vp in train_plans["views"].values():
-            cfg = vp["configurations"][CONFIG]
-            cfg["patch_size"] = [min(a, b) for a, b in zip(ints(args.pretrain_patch), cfg["patch_size"])]
     out = {}
     for view in plans["views"]:
         folder = pretrain_view_dir(plans["dataset_name"], plans["plans_name"], CONFIG, view)
         if args.skip_pretrain and (folder / "encoder.pt").is_file():
             continue
+        planned = plans["views"][view]["configurations"][CONFIG]["patch_size"]
+        patch = [min(a, b) for a, b in zip(ints(args.pretrain_patch), planned)] if args.pretrain_patch else None
         settings = PretrainSettings(steps=args.pretrain_steps, lr=args.pretrain_lr, batch_size=args.pretrain_batch,
                                     save_every=max(50, args.pretrain_steps // 2), num_workers=0,
                                     log_every=max(10, args.pretrain_steps // 10), progress=False,
-                                    warmup_steps=max(1, args.pretrain_steps // 20))
-        trainer = DiffusionPretrainer(train_plans, CONFIG, view, pre, folder, settings)
+                                    warmup_steps=max(1, args.pretrain_steps // 20), patch_size=patch)
+        trainer = DiffusionPretrainer(plans, CONFIG, view, pre, folder, settings)
         t0 = time.time()
         trainer.run()
         first, last = loss_drop(trainer.loss_history, 20)
-        patch = train_plans["views"][view]["configurations"][CONFIG]["patch_size"]
         out[view] = {"steps": args.pretrain_steps, "patch": patch, "wall_s": round(time.time() - t0, 1),
                      "patches_per_s": round(trainer.throughput, 3), "loss_first20": round(first, 4),
                      "loss_last20": round(last, 4)}

@@ -334,3 +334,35 @@ def load_json_props(pre: Path, ident: str, case: str, view: str):
 def test_bad_view_is_a_clear_error(env):
     with pytest.raises(OrthoError, match="view"):
         pretrain_main([DS, "3d_fullres", "-v", "oblique", "--steps", "1", "--device", "cpu", "-p", TINY])
+
+
+def test_pretraining_on_a_smaller_patch_loads_into_the_planned_network(env, tmp_path):
+    """``--patch-size`` pretrains on smaller patches (the CPU lever); the encoder keeps the planned topology, so it
+    loads into the task model; a patch that does not fit the strides is a clear error naming a fitting one."""
+    plans = env["tiny"]
+    cfg = plans["views"]["sagittal"]["configurations"]["3d_fullres"]
+    from orthonet.networks.whole_exam import total_stride
+    stride = total_stride(cfg["network"])
+    small = [max(s, p // 2 // s * s) for p, s in zip(cfg["patch_size"], stride)]
+    assert small != list(cfg["patch_size"])
+    out = tmp_path / "small"
+    seen = []
+
+    class Spy(DiffusionPretrainer):
+        def compute_loss(self, model, x0, generator):
+            seen.append(tuple(x0.shape[2:]))
+            return super().compute_loss(model, x0, generator)
+
+    settings = PretrainSettings(steps=2, num_workers=0, progress=False, patch_size=small, save_every=2)
+    trainer = Spy(plans, "3d_fullres", "sagittal", env["pre"], out, settings)
+    trainer.run()
+    assert seen and set(seen) == {tuple(small)}
+    payload = load_encoder_file(out / "encoder.pt")
+    model = SegmentationModel({"sagittal": cfg["network"]}, {"sagittal": 1}, "sagittal", 3)
+    report = load_pretrained_encoder(model, payload["encoder_state_dict"], view="sagittal")
+    assert report.loaded and not report.missing and not report.shape_mismatch
+    bad = [p + 1 for p in small]
+    with pytest.raises(OrthoError, match=r"multiple of the network's total stride") as err:
+        DiffusionPretrainer(plans, "3d_fullres", "sagittal", env["pre"], tmp_path / "bad",
+                            PretrainSettings(steps=1, num_workers=0, progress=False, patch_size=bad)).run()
+    assert "--patch-size" in str(err.value)

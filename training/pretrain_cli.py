@@ -66,6 +66,9 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
                    help=f"timestep at which encoder.pt folds the time conditioning (default {d.feature_timestep})")
     p.add_argument("--num-workers", type=int, default=None,
                    help="background data-loading processes (default: CPUs - 1, at most 8; 0 = in-process)")
+    p.add_argument("--patch-size", type=_positive_int, nargs="+", default=None, metavar="N",
+                   help="pretraining patch (one number per axis; default: the plan's). Smaller patches pretrain "
+                        "several times faster on a CPU and the encoders still load into the planned network")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
     p.add_argument("-p", "--plans", dest="plans_name", default=DEFAULT_PLANS_NAME,
                    help=f"plans name (default {DEFAULT_PLANS_NAME})")
@@ -79,7 +82,8 @@ def settings_from_args(args: argparse.Namespace) -> PretrainSettings:
     return PretrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_scaling=args.lr_scaling,
                             prediction_type=args.prediction_type, save_every=args.save_every,
                             ema_decay=args.ema_decay, feature_timestep=args.feature_timestep,
-                            num_workers=args.num_workers, seed=args.seed, progress=not args.no_progress).validate()
+                            num_workers=args.num_workers, seed=args.seed, progress=not args.no_progress,
+                            patch_size=args.patch_size).validate()
 
 
 def pretrain_main(argv: Optional[Sequence[str]] = None) -> int:

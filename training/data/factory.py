@@ -114,11 +114,13 @@ def make_multiview_loader(store: PreprocessedCaseStore, cases: Sequence[str], pl
 def make_pretraining_loader(store: PreprocessedCaseStore, cases: Sequence[str], plans: Dict, view: str,
                             configuration: str, batch_size: Optional[int] = None,
                             mirror_axes: Optional[Sequence[int]] = None, intensity_jitter: float = 0.1,
-                            num_workers: int = 0, seed: int = 12345, timeout_s: float = 900.0, **loader_kwargs) -> BatchLoader:
+                            num_workers: int = 0, seed: int = 12345, timeout_s: float = 900.0,
+                            patch_size: Optional[Sequence[int]] = None, **loader_kwargs) -> BatchLoader:
     """Random image patches of ``view`` from labelled and unlabeled cases with the light pretraining
-    augmentation (mirroring every axis by default, small intensity jitter)."""
+    augmentation (mirroring every axis by default, small intensity jitter). ``patch_size`` overrides the plan's
+    (pretraining on smaller patches: the network is fully convolutional)."""
     cfg = view_configuration(plans, view, configuration)
-    patch = [int(p) for p in cfg["patch_size"]]
+    patch = [int(p) for p in (patch_size or cfg["patch_size"])]
     axes = tuple(range(len(patch))) if mirror_axes is None else tuple(mirror_axes)
     source = ImageBatchSource(store, cases, view, batch_size or int(cfg["batch_size"]), patch,
                               build_pretraining_transforms(axes, intensity_jitter))

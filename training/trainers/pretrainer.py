@@ -81,6 +81,7 @@ class PretrainSettings:
     num_workers: Optional[int] = None  # None: training.runtime.default_num_workers()
     seed: int = 12345
     mirror_axes: Optional[List[int]] = None   # None: every spatial axis
+    patch_size: Optional[List[int]] = None    # None: the plan's; smaller patches make CPU pretraining affordable
     intensity_jitter: float = 0.1
     progress: bool = True
 
@@ -98,6 +99,8 @@ class PretrainSettings:
                              fix=f"use one of {', '.join(PREDICTION_TYPES)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise OrthoError(f"--ema-decay must lie in [0, 1) (got {self.ema_decay})")
+        if self.patch_size is not None and (not self.patch_size or any(int(p) < 1 for p in self.patch_size)):
+            raise OrthoError(f"--patch-size must be positive integers (got {self.patch_size})")
         if not 0 <= self.feature_timestep < self.timesteps:
             raise OrthoError(f"feature timestep {self.feature_timestep} is outside [0, {self.timesteps - 1}]")
         return self
@@ -221,7 +224,8 @@ class DiffusionPretrainer:
         return make_pretraining_loader(store, cases, self.plans, self.view, self.configuration,
                                        batch_size=self.batch_size, mirror_axes=self.settings.mirror_axes,
                                        intensity_jitter=self.settings.intensity_jitter, num_workers=workers,
-                                       seed=seed, pin_memory=self.device.type == "cuda")
+                                       seed=seed, pin_memory=self.device.type == "cuda",
+                                       patch_size=self.spec_patch())
 
     def compute_loss(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """MSE between the network output and the epsilon / v target at uniformly drawn t."""
@@ -240,11 +244,27 @@ class DiffusionPretrainer:
                 "prediction_type": self.settings.prediction_type,
                 "noise_schedule": {"kind": self.schedule.kind, "T": self.schedule.T},
                 "feature_timestep": int(self.settings.feature_timestep),
-                "patch_size": [int(p) for p in self.config_plan["patch_size"]]}
+                "patch_size": self.spec_patch()}
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
+    def check_patch(self) -> None:
+        """A custom ``--patch-size`` must have the plan's dimensionality and fit the network's strides (the U-Net's
+        skip connections need every axis divisible by its total stride)."""
+        if self.settings.patch_size is None:
+            return
+        from orthonet.networks.whole_exam import total_stride
+        patch, planned = self.spec_patch(), [int(p) for p in self.config_plan["patch_size"]]
+        stride = total_stride(self.spec)
+        if len(patch) != len(planned) or any(p % s for p, s in zip(patch, stride)):
+            fitted = [max(s, (p + s - 1) // s * s) for p, s in zip(patch + planned[len(patch):], stride)]
+            raise OrthoError(f"--patch-size {patch} does not fit the {self.view} network: it needs "
+                             f"{len(planned)} numbers, each a multiple of the network's total stride {stride}",
+                             fix=f"use e.g. --patch-size {' '.join(map(str, fitted))} (the plan's patch is "
+                                 f"{' '.join(map(str, planned))})")
+
     def setup(self) -> None:
         """Build network, EMA, optimizer, LR schedule and the case list (same initial weights on every rank)."""
+        self.check_patch()
         seed_everything(self.settings.seed)
         model = self.build_network()
         self.ema = self.build_ema(model)
@@ -258,7 +278,8 @@ class DiffusionPretrainer:
         self.cases = self.training_cases(self.store)
 
     def spec_patch(self) -> List[int]:
-        return [int(p) for p in self.config_plan["patch_size"]]
+        """The pretraining patch: ``settings.patch_size`` when set, else the plan's."""
+        return [int(p) for p in (self.settings.patch_size or self.config_plan["patch_size"])]
 
     def resume(self, checkpoint: PathLike) -> None:
         """Continue from a checkpoint of this view (model, EMA, optimizer, LR step, RNG states, loss history)."""
