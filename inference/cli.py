@@ -38,7 +38,9 @@ def build_predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-folder", default=None, help="a trained model folder (holds plans.json and fold_k/)")
     p.add_argument("--checkpoint", default="checkpoint_final.pt",
                    help="checkpoint file in each fold (default checkpoint_final.pt, falling back to _best)")
-    p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation (8x faster)")
+    p.add_argument("--disable-tta", action="store_true",
+                   help="no mirroring test-time augmentation (up to 8x faster; with it, each view is mirrored only "
+                        "along the axes its training augmentation mirrored)")
     p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: CUDA when available)")
     p.add_argument("--save-probabilities", action="store_true",

@@ -48,6 +48,12 @@ class LoadedModel:
     def patch_size(self, view: str) -> List[int]:
         return [int(p) for p in self.view_config(view)["patch_size"]]
 
+    def mirror_axes(self, view: str, requested: Sequence[int]) -> List[int]:
+        """The ``requested`` TTA axes that ``view`` was mirrored along in training (the model description's
+        ``allowed_mirroring_axes``; every spatial axis for models trained before it was stored)."""
+        allowed = self.config.mirror_axes(view, len(self.patch_size(view)))
+        return [int(a) for a in requested if int(a) in allowed]
+
 
 def load_trained_model(fold_dir: Union[str, Path], device: torch.device,
                        checkpoint_name: str = "checkpoint_final.pt") -> LoadedModel:
@@ -124,7 +130,8 @@ def segmentation_logits(loaded: LoadedModel, data: ArrayLike, mirror_axes: Seque
                         context: Optional[Mapping[str, ArrayLike]] = None,
                         properties_by_view: Optional[Mapping[str, Dict]] = None) -> torch.Tensor:
     """Sliding-window (Gaussian-weighted, step 0.5) logits (K, *shape) of the segmentation view's preprocessed
-    image (C, *shape), averaged over mirrorings.
+    image (C, *shape), averaged over mirrorings along those of ``mirror_axes`` that the model allows
+    (:meth:`LoadedModel.mirror_axes`; ``()`` turns TTA off).
 
     ``--fuse-views`` models also need the other views' preprocessed arrays (``context``) and every view's
     preprocessing properties; mirroring is not applied to them (a flip would break the physical alignment).
@@ -139,8 +146,7 @@ def segmentation_logits(loaded: LoadedModel, data: ArrayLike, mirror_axes: Seque
         fn = _fused_segment_fn(loaded, context, properties_by_view)
         return sliding_window_predict(fn, image, patch, cfg.num_classes, step_size=step_size,
                                       device=loaded.device, progress=progress, pass_offsets=True)
-    axes = [a for a in mirror_axes if a < len(patch)]
-    fn = make_tta_predictor(_segment_fn(loaded.model, loaded.device), axes)
+    fn = make_tta_predictor(_segment_fn(loaded.model, loaded.device), loaded.mirror_axes(view, mirror_axes))
     return sliding_window_predict(fn, image, patch, cfg.num_classes, step_size=step_size, device=loaded.device,
                                   progress=progress)
 
@@ -163,7 +169,8 @@ def diagnosis_logits(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike
                      mirror_axes: Sequence[int] = (0, 1, 2)) -> np.ndarray:
     """Fused diagnosis logits (D,) from the views present: whole volumes for whole-exam models
     (:func:`whole_exam_logits`); for the old centre-crop models the centre crop of each view's patch size, averaged
-    over joint mirrorings of all views. Views the model does not know are ignored; missing views degrade gracefully."""
+    over joint mirrorings of all views, each view flipped only along the axes it allows
+    (:meth:`LoadedModel.mirror_axes`). Views the model does not know are ignored; missing views degrade gracefully."""
     views = [v for v in loaded.config.views if v in inputs_by_view]
     if not views:
         raise OrthoError(f"none of the model's views {loaded.config.views} is available for diagnosis")
@@ -171,17 +178,21 @@ def diagnosis_logits(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike
         return whole_exam_logits(loaded, {v: inputs_by_view[v] for v in views})
     crops = {v: center_crop(inputs_by_view[v], loaded.patch_size(v))[None].to(loaded.device) for v in views}
     present = {v: torch.ones(1, dtype=torch.bool, device=loaded.device) for v in views}
-    ndim = len(next(iter(crops.values())).shape) - 2
-    axes = [a for a in mirror_axes if a < ndim]
+    allowed = {v: loaded.mirror_axes(v, mirror_axes) for v in views}
+    axes = sorted({a for ax in allowed.values() for a in ax})
     combos = [()] + [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
     total = None
     with torch.no_grad(), autocast(loaded.device):
         for combo in combos:
-            dims = [a + 2 for a in combo]
-            x = {v: torch.flip(t, dims) if dims else t for v, t in crops.items()}
+            x = {v: _flip(t, [a for a in combo if a in allowed[v]]) for v, t in crops.items()}
             out = loaded.model.diagnose(x, present)["logits"].float()
             total = out if total is None else total + out
     return (total / len(combos))[0].cpu().numpy()
+
+
+def _flip(t: torch.Tensor, axes: Sequence[int]) -> torch.Tensor:
+    """``t`` (B, C, *spatial) flipped along the spatial ``axes`` (itself when there are none)."""
+    return torch.flip(t, [a + 2 for a in axes]) if axes else t
 
 
 def whole_exam_logits(loaded: LoadedModel, inputs_by_view: Mapping[str, ArrayLike], seed: int = 0) -> np.ndarray:

@@ -7,7 +7,7 @@ same module without re-running the trainer's logic. The description is plain JSO
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -40,9 +40,19 @@ class ModelConfig:
     # checkpoints written before whole-exam diagnosis (their descriptions lack the key, so they load as they were)
     diagnosis_input: str = "crop"
     feature_t: Dict[str, Optional[int]] = field(default_factory=dict)   # diffusion-feature timestep per view
+    # per view, the spatial axes training mirrored (nnU-Net's inference_allowed_mirroring_axes), which bound the
+    # mirroring TTA; None: a description written before the field, mirrored along every axis as it always was
+    allowed_mirroring_axes: Optional[Dict[str, List[int]]] = None
 
     def to_dict(self) -> Dict:
         return asdict(self)
+
+    def mirror_axes(self, view: str, ndim: int) -> Tuple[int, ...]:
+        """The spatial axes test-time augmentation may mirror ``view`` along (an ``ndim``-D patch): a view
+        trained without mirroring along an axis is never mirrored there; old descriptions allow every axis."""
+        if self.allowed_mirroring_axes is None:
+            return tuple(range(ndim))
+        return tuple(int(a) for a in self.allowed_mirroring_axes.get(view, ()) if 0 <= int(a) < ndim)
 
     @classmethod
     def from_dict(cls, d: Dict) -> "ModelConfig":

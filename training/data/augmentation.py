@@ -118,8 +118,19 @@ def spatial_augmentation(patch_size: Sequence[int], spacing: Sequence[float], is
         rot = 180.0 if axis is not None else 30.0
     else:
         rot = 15.0 if max(patch) / min(patch) > 1.5 else 180.0
-    mirror = tuple(range(dim)) if mirror_axes is None else tuple(int(a) for a in mirror_axes)
-    return SpatialAugmentation(patch, (-rot * _DEG, rot * _DEG), axis, p_elastic=p_elastic, mirror_axes=mirror)
+    return SpatialAugmentation(patch, (-rot * _DEG, rot * _DEG), axis, p_elastic=p_elastic,
+                               mirror_axes=resolve_mirror_axes(dim, mirror_axes))
+
+
+def resolve_mirror_axes(ndim: int, mirror_axes: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
+    """The spatial axes an ``ndim``-D patch is mirrored along: every one for None (nnU-Net's default), else
+    those of ``mirror_axes`` the patch has (a 2D configuration has axes 0 and 1 only).
+
+    One rule for the augmentation and for the axes stored with the model, so test-time mirroring stays within
+    what training mirrored."""
+    if mirror_axes is None:
+        return tuple(range(ndim))
+    return tuple(sorted({int(a) for a in mirror_axes if 0 <= int(a) < ndim}))
 
 
 def initial_patch_size(patch_size: Sequence[int], spacing: Sequence[float],

@@ -7,12 +7,13 @@ deep-supervision label pyramid. Every function returns a :class:`~training.data.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 import numpy as np
 
 from training.data.augmentation import (build_pretraining_transforms, build_training_transforms,
-                                        build_validation_transforms, deep_supervision_scales, initial_patch_size)
+                                        build_validation_transforms, deep_supervision_scales, initial_patch_size,
+                                        resolve_mirror_axes)
 from training.data.dataset import PreprocessedCaseStore
 from training.data.loader import BatchLoader
 from training.data.sources import ImageBatchSource, MultiviewBatchSource, SegBatchSource
@@ -28,6 +29,25 @@ def ds_scales_for(config: Dict) -> Optional[list]:
     """Deep-supervision scales from the configuration's network strides (None without strides)."""
     strides = ((config.get("network") or {}).get("kwargs") or {}).get("strides")
     return deep_supervision_scales(strides) if strides else None
+
+
+def training_mirror_axes(plans: Dict, configuration: str, views: Sequence[str],
+                         mirror_axes: Optional[Sequence[int]] = None, segmentation_view: Optional[str] = None,
+                         whole_views: Sequence[str] = (), fuse_views: bool = False) -> Dict[str, List[int]]:
+    """Per view, the spatial axes the training loaders below mirror, for the model description (nnU-Net's
+    ``inference_allowed_mirroring_axes``): prediction must not mirror a view along an axis training never did.
+
+    Nothing for ``--fuse-views`` (:func:`make_aligned_views_loader`: a flip breaks the physical alignment) and
+    for views read only as whole volumes (``whole_views`` other than the segmentation view, whose patches are
+    still cut and mirrored); else ``mirror_axes`` (None: every axis) within the view's patch dimensions."""
+    out: Dict[str, List[int]] = {}
+    for v in views:
+        if fuse_views or (v in whole_views and v != segmentation_view):
+            out[v] = []
+        else:
+            ndim = len(view_configuration(plans, v, configuration)["patch_size"])
+            out[v] = list(resolve_mirror_axes(ndim, mirror_axes))
+    return out
 
 
 def make_seg_loader(store: PreprocessedCaseStore, cases: Sequence[str], plans: Dict, view: str, configuration: str,
@@ -89,8 +109,7 @@ def make_multiview_loader(store: PreprocessedCaseStore, cases: Sequence[str], pl
         ds = ds_scales_for(cfgs[v]) if (deep_supervision and v == segmentation_view) else None
         if train and v in light_augmentation_views and v != segmentation_view:
             samples[v] = patches[v]
-            axes = tuple(range(len(patches[v]))) if mirror_axes is None else tuple(mirror_axes)
-            transforms[v] = build_pretraining_transforms(axes, 0.1)
+            transforms[v] = build_pretraining_transforms(resolve_mirror_axes(len(patches[v]), mirror_axes), 0.1)
         elif train:
             samples[v] = initial_patch_size(patches[v], cfgs[v]["spacing"])
             transforms[v] = build_training_transforms(patches[v], cfgs[v]["spacing"], None, mirror_axes, ds,
@@ -121,9 +140,9 @@ def make_pretraining_loader(store: PreprocessedCaseStore, cases: Sequence[str], 
     (pretraining on smaller patches: the network is fully convolutional)."""
     cfg = view_configuration(plans, view, configuration)
     patch = [int(p) for p in (patch_size or cfg["patch_size"])]
-    axes = tuple(range(len(patch))) if mirror_axes is None else tuple(mirror_axes)
     source = ImageBatchSource(store, cases, view, batch_size or int(cfg["batch_size"]), patch,
-                              build_pretraining_transforms(axes, intensity_jitter))
+                              build_pretraining_transforms(resolve_mirror_axes(len(patch), mirror_axes),
+                                                           intensity_jitter))
     return BatchLoader(source, num_workers=num_workers, seed=seed, timeout_s=timeout_s, **loader_kwargs)
 
 

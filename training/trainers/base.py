@@ -27,6 +27,7 @@ from training import distributed as dist
 from training.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
 from training.data.dataset import PreprocessedCaseStore
 from orthonet.networks.heads import WHOLE_EXAM_POOLING
+from training.data.factory import training_mirror_axes
 from training.model_factory import ModelConfig, build_model, views_for
 from training.options import TrainOptions, fold_dir_name, model_dir, model_folder_name
 from training.pretrained import PretrainedSource, find_pretrained, load_encoder_file, network_hash
@@ -57,6 +58,7 @@ class BaseTrainer:
     freeze_pretrained_encoders: bool = False   # keep loaded encoders fixed (features as pretrained, no warm-up)
     seg_head: str = "unet"                     # 'unet' (the plan's decoder) | 'pyramid' (per-voxel MLP on all levels)
     fusion_head_kwargs: Dict = {}
+    mirror_axes: Optional[Tuple[int, ...]] = None   # spatial axes augmentation mirrors (None: all); stored for TTA
 
     def __init__(self, options: TrainOptions):
         self.opts = options
@@ -194,7 +196,15 @@ class BaseTrainer:
                            levels=list(self.opts.diagnosis_levels) if self.opts.diagnosis_levels else None,
                            head_kwargs=head_kwargs, seg_head=self.seg_head,
                            diagnosis_input="whole" if whole else "crop",
-                           feature_t={v: t for v, t in feature_t.items() if v in views})
+                           feature_t={v: t for v, t in feature_t.items() if v in views},
+                           allowed_mirroring_axes=self.mirrored_axes(views, whole))
+
+    def mirrored_axes(self, views: Sequence[str], whole: bool) -> Dict[str, List[int]]:
+        """Per view, what this trainer's augmentation mirrors (``mirror_axes`` through the loaders' rules), stored
+        with the model so prediction mirrors only there."""
+        return training_mirror_axes(self.plans, self.opts.configuration, views, self.mirror_axes,
+                                    segmentation_view=self.segmentation_view if self.task != "diag" else None,
+                                    whole_views=views if whole else (), fuse_views=self.opts.fuse_views)
 
     # ==================================================================================================
     # building blocks (override one to change it)

@@ -77,7 +77,7 @@ class DiagTrainer(BaseTrainer):
                                      n_diagnoses=len(self.spec.diagnoses), keep_labels=self.keep_labels if train
                                      else None, train=train, deep_supervision=self.deep_supervision,
                                      oversample_foreground=self.oversample_foreground, jitter=self.diagnosis_jitter,
-                                     ignore_label=self.spec.ignore_label,
+                                     ignore_label=self.spec.ignore_label, mirror_axes=self.mirror_axes,
                                      num_workers=self.num_workers if train else 0, seed=seed,
                                      light_augmentation_views=self.model_cfg.views if self.light_augmentation
                                      else (), whole_views=whole, max_whole_shape=cap,

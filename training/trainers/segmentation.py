@@ -50,7 +50,7 @@ class SegTrainer(BaseTrainer):
                                train=train, deep_supervision=self.deep_supervision,
                                oversample_foreground=self.oversample_foreground,
                                ignore_label=self.spec.ignore_label, num_workers=self.num_workers if train else 0,
-                               seed=seed)
+                               seed=seed, mirror_axes=self.mirror_axes)
 
     def build_train_loader(self):
         self.loss_fn = self.seg_loss()
