@@ -61,7 +61,9 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="default: what the dataset has labels for (segmentation and diagnoses -> multitask)")
     p.add_argument("--pretrained", default="auto",
                    help="auto (this dataset's ortho_pretrain encoders, or those of the dataset its plans were "
-                        "transferred from), none (from scratch), or a path to a Pretrain__ folder / encoder.pt")
+                        "transferred from, through the plans' view map; from scratch only when neither is pretrained "
+                        "nor transferred), none (from scratch), or a path to a Pretrain__ folder / encoder.pt "
+                        "(finding nothing to load is an error)")
     p.add_argument("--label-fraction", type=float, default=1.0,
                    help="keep a deterministic, stratified fraction of the training cases' labels (e.g. 0.1)")
     p.add_argument("--epochs", type=int, default=None, help="override the trainer's number of epochs (1000)")

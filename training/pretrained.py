@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
@@ -33,8 +33,13 @@ def pretrain_folder_name(plans_name: str, configuration: str) -> str:
     return f"Pretrain__{plans_name}__{configuration}"
 
 
+def pretrain_dir(dataset_name: str, plans_name: str, configuration: str) -> Path:
+    """``…/results/<dataset>/Pretrain__<plans>__<config>``: one subfolder per pretrained view."""
+    return results_root() / dataset_name / pretrain_folder_name(plans_name, configuration)
+
+
 def pretrain_view_dir(dataset_name: str, plans_name: str, configuration: str, view: str) -> Path:
-    return results_root() / dataset_name / pretrain_folder_name(plans_name, configuration) / view
+    return pretrain_dir(dataset_name, plans_name, configuration) / view
 
 
 def save_encoder_file(path: PathLike, *, encoder_state_dict: Dict[str, torch.Tensor],
@@ -82,44 +87,98 @@ def load_encoder_file(path: PathLike) -> Dict:
 
 @dataclass
 class PretrainedSource:
-    """Where pretrained encoders come from: ``{view: encoder.pt path}`` plus a description for the log."""
+    """Where pretrained encoders come from: ``{target view: encoder.pt}``, the view each file must have been
+    pretrained as (``expected_views``: the source view of a plans transfer, or the view itself) and a description
+    for the log."""
 
     files: Dict[str, Path]
     description: str
+    expected_views: Dict[str, str] = field(default_factory=dict)
+
+
+def transfer_view_map(plans: Dict, views: List[str]) -> Dict[str, str]:
+    """target view -> the source view whose encoder it takes, as ``--plans-from`` recorded it (itself otherwise)."""
+    mapping = (plans.get("transferred_from") or {}).get("views") or {}
+    return {v: mapping.get(v, v) for v in views}
+
+
+def _existing(folder: Path, names: Dict[str, str]) -> PretrainedSource:
+    """The ``folder/<name>/encoder.pt`` files that exist, per target view (``names``: target view -> folder)."""
+    files = {tv: folder / sv / "encoder.pt" for tv, sv in names.items()}
+    found = {tv: p for tv, p in files.items() if p.is_file()}
+    return PretrainedSource(found, str(folder), {tv: names[tv] for tv in found})
+
+
+def _find_auto(plans: Dict, configuration: str, views: List[str]) -> Optional[PretrainedSource]:
+    """This dataset's own ``ortho_pretrain`` encoders, else those of the plans-transfer source through the view
+    map; None only when the plans were not transferred (a plain dataset without pretraining trains from scratch)."""
+    origin = plans.get("transferred_from")
+    candidates = [(plans["dataset_name"], plans["plans_name"], {v: v for v in views})]
+    if origin:
+        candidates.append((origin["dataset_name"], origin.get("plans_name") or plans["plans_name"],
+                           transfer_view_map(plans, views)))
+    for dataset_name, plans_name, names in candidates:
+        folder = pretrain_dir(dataset_name, plans_name, configuration)
+        found = _existing(folder, names)
+        if found.files:
+            found.description = f"{dataset_name} {folder.name}"
+            return found
+    if not origin:
+        return None
+    dataset_name, plans_name, names = candidates[-1]
+    looked = ", ".join(f"{tv} <- {sv}" for tv, sv in names.items())
+    raise OrthoError(f"these plans were transferred from {dataset_name} to start from its pretrained encoders, "
+                     f"but none exist (views {looked})",
+                     pretrain_dir(dataset_name, plans_name, configuration),
+                     fix=f"run `ortho_pretrain {dataset_name} {configuration} -p {plans_name}` first, point "
+                         f"--pretrained at a Pretrain__ folder or encoder.pt, or pass --pretrained none to train "
+                         f"from scratch")
+
+
+def _single_file(path: Path, names: Dict[str, str]) -> PretrainedSource:
+    """One ``encoder.pt``: it goes into every target view that takes its view (itself, or through the transfer's
+    view map); a file for a view the model lacks is an error, never a silent scratch run."""
+    view = load_encoder_file(path)["view"]
+    targets = [tv for tv, sv in names.items() if view in (sv, tv)]
+    if not targets:
+        raise OrthoError(f"this encoder.pt was pretrained for view '{view}', which the model lacks (its views: "
+                         f"{', '.join(names)})", path,
+                         fix=f"pass the encoder.pt of one of these views or the Pretrain__ folder holding them; to "
+                             f"start another view from this '{view}' encoder, transfer the plans with "
+                             f"`ortho_plan_and_preprocess -d TARGET --plans-from SOURCE --view-map VIEW={view}`")
+    return PretrainedSource({tv: path for tv in targets}, str(path), {tv: view for tv in targets})
+
+
+def _find_path(path: Path, plans: Dict, views: List[str]) -> PretrainedSource:
+    """``--pretrained PATH``: an encoder.pt, a view folder or a Pretrain__ folder (its subfolders named like the
+    transfer's source views, or like the model's own views)."""
+    names = transfer_view_map(plans, views)
+    if path.is_file():
+        return _single_file(path, names)
+    if path.is_dir():
+        found = _existing(path, names)
+        own = _existing(path, {v: v for v in views if v not in found.files})
+        found.files.update(own.files)
+        found.expected_views.update(own.expected_views)
+        if found.files:
+            return found
+        if (path / "encoder.pt").is_file():
+            return _single_file(path / "encoder.pt", names)
+    raise OrthoError(f"no pretrained encoders found for views {', '.join(sorted(set(names.values()) | set(views)))}",
+                     path, fix="pass a Pretrain__<plans>__<config> folder, a view folder or an encoder.pt file, "
+                               "or use --pretrained auto|none")
 
 
 def find_pretrained(pretrained: str, plans: Dict, configuration: str, views: List[str]) -> Optional[PretrainedSource]:
-    """Resolve ``--pretrained auto|none|PATH`` to encoder files per view.
+    """Resolve ``--pretrained auto|none|PATH`` to encoder files per view (of the model's ``views``).
 
-    ``auto``: this dataset's ``ortho_pretrain`` output, else that of the dataset named in the plans' transfer
-    (``transferred_from``); None when neither exists. ``PATH``: a ``Pretrain__…`` folder (one subfolder per view),
-    a single view folder, or one ``encoder.pt`` (used for the segmentation view only when it is a single file).
+    ``none``: None. ``auto``: this dataset's ``ortho_pretrain`` output, else that of the dataset the plans were
+    transferred from, each target view taking its mapped source view (``transferred_from.views``); None when the
+    plans were not transferred and nothing is pretrained (the plain from-scratch case), an OrthoError when they were
+    transferred and no encoder exists. ``PATH``: see :func:`_find_path`; finding nothing there is an OrthoError.
     """
     if pretrained == "none":
         return None
     if pretrained == "auto":
-        sources = [(plans["dataset_name"], plans["plans_name"])]
-        origin = plans.get("transferred_from")
-        if origin:
-            sources.append((origin["dataset_name"], origin.get("plans_name", plans["plans_name"])))
-        for dataset_name, plans_name in sources:
-            files = {v: pretrain_view_dir(dataset_name, plans_name, configuration, v) / "encoder.pt" for v in views}
-            files = {v: p for v, p in files.items() if p.is_file()}
-            if files:
-                return PretrainedSource(files, f"{dataset_name} {pretrain_folder_name(plans_name, configuration)} "
-                                               f"(views: {', '.join(sorted(files))})")
-        return None
-    path = Path(pretrained).expanduser()
-    if path.is_file():
-        payload = load_encoder_file(path)
-        return PretrainedSource({payload["view"]: path}, str(path))
-    if path.is_dir():
-        files = {v: path / v / "encoder.pt" for v in views if (path / v / "encoder.pt").is_file()}
-        if not files and (path / "encoder.pt").is_file():
-            payload = load_encoder_file(path / "encoder.pt")
-            files = {payload["view"]: path / "encoder.pt"}
-        if files:
-            return PretrainedSource(files, str(path))
-    raise OrthoError("no pretrained encoders found", path,
-                     fix="pass a Pretrain__<plans>__<config> folder, a view folder or an encoder.pt file, "
-                         "or use --pretrained auto|none")
+        return _find_auto(plans, configuration, views)
+    return _find_path(Path(pretrained).expanduser(), plans, views)

@@ -86,6 +86,7 @@ class BaseTrainer:
         self.best_score: Optional[float] = None
         self.smoothed_score: Optional[float] = None
         self.pretrained_report: Dict = {}
+        self.pretrained_parameters: List[str] = []   # trained at the pretrained LR (restored by --c)
         self.frozen_views: List[str] = []
 
     # ==================================================================================================
@@ -213,48 +214,69 @@ class BaseTrainer:
         return build_model(self.plans, self.model_cfg)
 
     def load_pretrained(self, model: nn.Module) -> List[str]:
-        """Load diffusion-pretrained encoders (and decoder where shapes match); return the loaded parameter names."""
+        """Load diffusion-pretrained encoders (and decoder where shapes match); return the loaded parameter names.
+
+        Every file is checked (network hash, view, every tensor key and shape) and ``pretrained_report`` (the log
+        and run_config.json) names the file that went into each view; a requested start that cannot load is an
+        OrthoError (raised by :func:`find_pretrained` or here), never a silent run from scratch."""
         source: Optional[PretrainedSource] = find_pretrained(self.opts.pretrained, self.plans,
                                                              self.opts.configuration, self.model_cfg.views)
         if source is None:
-            msg = "--pretrained none: training from scratch" if self.opts.pretrained == "none" else \
-                "no pretrained encoders found (run ortho_pretrain first): training from scratch"
-            self.log(msg)
-            self.pretrained_report = {"source": None}
+            reason = "--pretrained none" if self.opts.pretrained == "none" else \
+                "--pretrained auto: no ortho_pretrain encoders for this dataset and its plans were not transferred"
+            self.log(f"{reason}: training from scratch")
+            self.pretrained_report = {"source": None, "start": "scratch", "reason": reason}
             return []
         loaded_names: List[str] = []
-        report = {"source": source.description, "views": {}}
-        for view, path in source.files.items():
-            if view not in self.model_cfg.views:
-                continue
-            payload = load_encoder_file(path)
-            expected = network_hash(self.plans["views"][view]["configurations"][self.opts.configuration]["network"])
-            if payload["network_hash"] != expected:
-                raise OrthoError(f"pretrained encoder for view '{view}' was trained for another network topology",
-                                 path, fix="pretrain with these plans, transfer plans with --plans-from, or use "
-                                           "--pretrained none")
-            enc = load_pretrained_encoder(model, payload["encoder_state_dict"], view=view)
-            if enc.missing or enc.shape_mismatch:
-                raise OrthoError(f"pretrained encoder for view '{view}' does not fit: {enc.summary()}", path,
-                                 fix="pretrain with the same plans and number of channels")
-            prefix = f"encoders.{view}."
-            loaded_names += [prefix + k for k in enc.loaded]
-            entry = {"file": str(path), "encoder_tensors": len(enc.loaded), "steps": payload.get("steps")}
-            if (self.load_pretrained_decoder and view == self.model_cfg.segmentation_view
-                    and getattr(model, "decoder", None) is not None and payload.get("decoder_state_dict")):
-                dec = load_pretrained_decoder(model, payload["decoder_state_dict"])
-                loaded_names += ["decoder." + k for k in dec.loaded]
-                entry["decoder_tensors"] = len(dec.loaded)
-            report["views"][view] = entry
-            self.log(f"loaded pretrained {view} encoder ({len(enc.loaded)} tensors"
-                     f"{', decoder ' + str(entry.get('decoder_tensors')) if 'decoder_tensors' in entry else ''})"
-                     f" from {path}")
+        report = {"source": source.description, "start": "pretrained", "views": {}}
+        for view in self.model_cfg.views:
+            if view in source.files:
+                names, report["views"][view] = self._load_view_weights(model, view, source.files[view],
+                                                                       source.expected_views.get(view, view))
+                loaded_names += names
+        report["scratch_views"] = [v for v in self.model_cfg.views if v not in report["views"]]
+        if not report["views"]:
+            raise OrthoError(f"--pretrained {self.opts.pretrained}: no encoder fits the model's views "
+                             f"{self.model_cfg.views}", fix="pass encoders of these views, or --pretrained none")
+        for view in report["scratch_views"]:
+            self.log(f"view '{view}': no pretrained encoder in {source.description}: its encoder starts from scratch")
         if self.freeze_pretrained_encoders:
             self.freeze_encoders(model, list(report["views"]))
             report["frozen_encoders"] = list(self.frozen_views)
         self.pretrained_report = report
         param_names = {n for n, p in model.named_parameters() if p.requires_grad}   # frozen ones leave the optimizer
         return [n for n in loaded_names if n in param_names]
+
+    def _load_view_weights(self, model: nn.Module, view: str, path: Path, expected_view: str
+                           ) -> Tuple[List[str], Dict]:
+        """One view's encoder.pt into the model, all checks first; (loaded parameter names, its report entry)."""
+        payload = load_encoder_file(path)
+        expected = network_hash(self.plans["views"][view]["configurations"][self.opts.configuration]["network"])
+        if payload["network_hash"] != expected:
+            raise OrthoError(f"pretrained encoder for view '{view}' was trained for another network topology",
+                             path, fix="pretrain with these plans, transfer plans with --plans-from, or use "
+                                       "--pretrained none")
+        if payload["view"] not in (expected_view, view):
+            raise OrthoError(f"the encoder.pt for view '{view}' was pretrained for view '{payload['view']}' "
+                             f"(expected '{expected_view}')", path,
+                             fix="keep each encoder.pt in its own view's folder (rerun ortho_pretrain to rewrite it)")
+        enc = load_pretrained_encoder(model, payload["encoder_state_dict"], view=view)
+        if not enc.complete:
+            raise OrthoError(f"pretrained encoder for view '{view}' does not fit: {enc.summary()}", path,
+                             fix="pretrain with the same plans and number of channels")
+        names = [f"encoders.{view}." + k for k in enc.loaded]
+        entry = {"file": str(path), "pretrained_view": payload["view"], "pretrained_dataset": payload["dataset_name"],
+                 "network_hash": payload["network_hash"], "encoder_tensors": len(enc.loaded),
+                 "steps": payload.get("steps")}
+        if (self.load_pretrained_decoder and view == self.model_cfg.segmentation_view
+                and getattr(model, "decoder", None) is not None and payload.get("decoder_state_dict")):
+            dec = load_pretrained_decoder(model, payload["decoder_state_dict"])
+            names += ["decoder." + k for k in dec.loaded]
+            entry["decoder_tensors"] = len(dec.loaded)
+        decoder = f", decoder {entry['decoder_tensors']}" if "decoder_tensors" in entry else ""
+        self.log(f"view '{view}' <- {path} ({payload['dataset_name']} '{payload['view']}' encoder, "
+                 f"{len(enc.loaded)} tensors{decoder})")
+        return names, entry
 
     def freeze_encoders(self, model: nn.Module, views: Sequence[str]) -> None:
         """Stop training the encoders of ``views`` (their parameters leave the optimizer)."""
@@ -264,14 +286,17 @@ class BaseTrainer:
         if views:
             self.log(f"pretrained encoder(s) frozen: {', '.join(sorted(views))}")
 
-    def _refreeze_for_resume(self, model: nn.Module) -> None:
-        """``--c`` does not reload pretrained weights, so freeze what the interrupted run froze (from its checkpoint)
-        before the optimizer is built: its parameter groups must match the saved optimizer state."""
+    def _restore_pretrained(self, model: nn.Module) -> List[str]:
+        """``--c`` / ``--val`` do not reload pretrained weights (the checkpoint has them): restore what the run
+        froze, recorded and trained at the pretrained learning rate, so the optimizer's parameter groups match its
+        saved state and run_config.json still names the loaded files. Without a checkpoint it is a new run."""
         for name in ("checkpoint_latest.pt", "checkpoint_final.pt", "checkpoint_best.pt"):
             if (self.output_dir / name).is_file():
                 extra = load_checkpoint(self.output_dir / name, map_location="cpu").get("extra") or {}
                 self.freeze_encoders(model, extra.get("frozen_encoders") or [])
-                return
+                self.pretrained_report = extra.get("pretrained_report") or {"source": extra.get("pretrained")}
+                return list(extra.get("pretrained_parameters") or [])
+        return self.load_pretrained(model)
 
     def total_steps(self) -> int:
         return self.num_epochs * self.iterations_per_epoch
@@ -324,9 +349,9 @@ class BaseTrainer:
         self.configure_data()
         self.model_cfg = self.model_config()
         model = self.build_model()
-        pretrained = self.load_pretrained(model) if not self.opts.continue_training else []
-        if self.opts.continue_training:
-            self._refreeze_for_resume(model)
+        resumed = self.opts.continue_training or self.opts.validation_only   # weights come from a checkpoint
+        pretrained = self._restore_pretrained(model) if resumed else self.load_pretrained(model)
+        self.pretrained_parameters = list(pretrained)
         model.to(self.device)
         if self.device.type == "cuda":
             model.to(memory_format=memory_format_for(5 if self.is_3d else 4, self.device))
@@ -366,7 +391,9 @@ class BaseTrainer:
                 "configuration": self.opts.configuration, "fold": str(self.opts.fold),
                 "best_score": self.best_score, "smoothed_score": self.smoothed_score,
                 "num_epochs": self.num_epochs, "iterations_per_epoch": self.iterations_per_epoch,
-                "pretrained": self.pretrained_report.get("source"), "frozen_encoders": list(self.frozen_views)}
+                "pretrained": self.pretrained_report.get("source"), "frozen_encoders": list(self.frozen_views),
+                "pretrained_report": self.pretrained_report,
+                "pretrained_parameters": list(self.pretrained_parameters)}
 
     def save(self, name: str) -> None:
         if self.is_main:
@@ -384,7 +411,7 @@ class BaseTrainer:
                 self.epoch = int(ckpt.get("epoch") or 0) + 1
                 self.best_score = extra.get("best_score")
                 self.smoothed_score = extra.get("smoothed_score")
-                self.pretrained_report = {"source": extra.get("pretrained")}
+                self.pretrained_report = extra.get("pretrained_report") or {"source": extra.get("pretrained")}
                 self.progress.truncate(self.epoch)
                 self.log(f"resumed from {path.name} at epoch {self.epoch} (step {scheduler_step(self.scheduler)})")
                 return True
