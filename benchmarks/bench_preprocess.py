@@ -95,15 +95,7 @@ def make_dataset(root: Path, n_cases: int, seed: int = 0) -> str:
             shutil.rmtree(tmp)
         make_realistic(tmp / "Dataset999_Tmp", joint="knee", n_train=n_cases, n_test=0, n_unlabeled=0, seed=seed,
                        size="default", progress=False)
-        from orthonet.dataset import load_dataset
-
-        spec = load_dataset(tmp / "Dataset999_Tmp")
-        view = spec.segmentation_view
-        labels = spec.labels
-        for case in spec.labelled_cases():
-            shutil.copyfile(spec.image_paths(case, view)[0], root / "imagesTr" / f"{case}_0000.nii.gz")
-            shutil.copyfile(spec.label_path(case), root / "labelsTr" / f"{case}.nii.gz")
-        n = len(spec.labelled_cases())
+        view, labels, n = copy_segmentation_view(tmp / "Dataset999_Tmp", root)
         shutil.rmtree(tmp)
         source = f"orthonet.synthetic.make_dataset(knee, size='default'), view '{view}'"
     else:
@@ -114,10 +106,33 @@ def make_dataset(root: Path, n_cases: int, seed: int = 0) -> str:
                   "ligament": 5}
         n = n_cases
         source = "built-in knee-like phantom (sagittal, ~330x330x32 voxels, 0.42-0.52 mm in-plane, 3-4 mm slices)"
-    meta = {"name": "BenchKnee", "channel_names": {"0": "MRI"}, "labels": labels, "numTraining": n,
+    write_nnunet_dataset_json(root, labels, n)
+    return source
+
+
+def copy_segmentation_view(src: Path, root: Path, test_cases: int = 0) -> Tuple[str, Dict[str, int], int]:
+    """Copy an orthonet dataset's segmentation view into the nnU-Net-format folder ``root`` (``imagesTr`` and
+    ``labelsTr`` must exist): every labelled training case as ``{CASE}_0000.nii.gz`` + ``{CASE}.nii.gz``, and the
+    first ``test_cases`` test images into ``root/imagesTs``. Returns (view, labels, number of training cases)."""
+    from orthonet.dataset import load_dataset
+
+    spec = load_dataset(src)
+    view = spec.segmentation_view
+    for case in spec.labelled_cases():
+        shutil.copyfile(spec.image_paths(case, view)[0], root / "imagesTr" / f"{case}_0000.nii.gz")
+        shutil.copyfile(spec.label_path(case), root / "labelsTr" / f"{case}.nii.gz")
+    if test_cases:
+        (root / "imagesTs").mkdir(exist_ok=True)
+        for path in sorted(Path(src, "imagesTs").glob(f"*_{view}_0000{spec.file_ending}"))[:test_cases]:
+            case = path.name[:-len(f"_{view}_0000{spec.file_ending}")]
+            shutil.copyfile(path, root / "imagesTs" / f"{case}_0000.nii.gz")
+    return view, spec.labels, len(spec.labelled_cases())
+
+
+def write_nnunet_dataset_json(root: Path, labels: Dict[str, int], n: int, name: str = "BenchKnee") -> None:
+    meta = {"name": name, "channel_names": {"0": "MRI"}, "labels": labels, "numTraining": n,
             "file_ending": ".nii.gz"}
     (root / "dataset.json").write_text(json.dumps(meta, indent=2))
-    return source
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -13,9 +13,11 @@ def ints(text: str) -> List[int]:
 
 
 def synthetic_dataset(dataset_id: int, dataset_name: str, joint: str, n_train: int, n_unlabeled: int, seed: int,
-                      size: str, configuration: str = "3d_fullres", plan_args: Sequence[str] = ()) -> Path:
-    """Generate ``$ORTHO_raw/<dataset_name>`` and run ``ortho_plan_and_preprocess`` on it, each only when its
-    output is missing (benchmarks rerun on the same data); returns the preprocessed dataset folder."""
+                      size: str, configuration: str = "3d_fullres", plan_args: Sequence[str] = (),
+                      n_test: int = 0) -> Path:
+    """Generate ``$ORTHO_raw/<dataset_name>`` (``n_test`` test exams in imagesTs) and run
+    ``ortho_plan_and_preprocess`` on it, each only when its output is missing (benchmarks rerun on the same data);
+    returns the preprocessed dataset folder."""
     from orthonet.synthetic.writer import make_dataset
     from planners.cli import main as plan_main
 
@@ -23,7 +25,7 @@ def synthetic_dataset(dataset_id: int, dataset_name: str, joint: str, n_train: i
     pre = Path(os.environ["ORTHO_preprocessed"]) / dataset_name
     if not (raw / "dataset.json").is_file():
         t0 = time.time()
-        make_dataset(raw, joint, n_train=n_train, n_test=0, n_unlabeled=n_unlabeled, seed=seed, size=size,
+        make_dataset(raw, joint, n_train=n_train, n_test=n_test, n_unlabeled=n_unlabeled, seed=seed, size=size,
                      num_processes=2, progress=False)
         print(f"[data] {n_train}+{n_unlabeled} {joint} exams in {time.time() - t0:.0f} s", flush=True)
     if not (pre / "plans.json").is_file() or not any((pre / f"orthoPlans_{configuration}").glob("*.json")):

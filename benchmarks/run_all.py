@@ -48,6 +48,12 @@ PRESETS: Dict[str, Dict[str, List[str]]] = {
         "quick": ["--work", str(QUICK_DATA / "pretrain_probe"), "--n-train", "12", "--n-unlabeled", "4",
                   "--steps", "20", "--folds", "2", "--repeats", "1", "--poolings", "mean", "--no-dense"],
     },
+    "bench_throughput": {
+        # orthonet vs nnU-Net training/prediction throughput; needs nnunetv2 in benchmarks/.venv-nnunet (installed
+        # on first use); default: 10 small knees, 30 iterations x 2 rounds (about 40 min on 2 cores).
+        "default": [],
+        "quick": ["--quick", "--no-write", "--work", str(QUICK_DATA / "throughput")],
+    },
     "bench_whole_exam_diagnosis": {
         # 120 + 40 default-size knees, 3 pretrained views, 5-fold CV (about 1.5 h on 2 cores); writes its section.
         "default": [],
