@@ -71,6 +71,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip-pretrain", action="store_true", help="reuse existing pretraining output")
     p.add_argument("--levels", default="-2,-1",
                    help="encoder levels the diagnosis reads (--diagnosis-levels; the two deepest keep the CPU head fast)")
+    p.add_argument("--pooling", default="mil",
+                   help="pooling of the whole-exam head, comma separated (the trainer's default: mil)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--fraction", type=float, default=0.1, help="label fraction of the low-label rows")
     p.add_argument("--subsets", type=int, default=2, help="random label subsets per fold at --fraction")
@@ -104,7 +106,8 @@ def pretrain(args: argparse.Namespace, pre: Path, plans: Dict) -> Dict[str, Dict
     from training.pretrained import pretrain_view_dir
     from training.trainers.pretrainer import DiffusionPretrainer, PretrainSettings, loss_drop
 
-    out = {}
+    record = Path(args.work) / "pretraining.json"          # kept so a --skip-pretrain rerun reports them too
+    out = json.loads(record.read_text()) if record.is_file() else {}
     for view in plans["views"]:
         folder = pretrain_view_dir(plans["dataset_name"], plans["plans_name"], CONFIG, view)
         if args.skip_pretrain and (folder / "encoder.pt").is_file():
@@ -123,6 +126,7 @@ def pretrain(args: argparse.Namespace, pre: Path, plans: Dict) -> Dict[str, Dict
                      "patches_per_s": round(trainer.throughput, 3), "loss_first20": round(first, 4),
                      "loss_last20": round(last, 4)}
         print(f"[pretrain] {view}: {out[view]}", flush=True)
+        record.write_text(json.dumps(out, indent=2))
     return out
 
 
@@ -130,7 +134,7 @@ def pretrain(args: argparse.Namespace, pre: Path, plans: Dict) -> Dict[str, Dict
 # models and cached features
 # ------------------------------------------------------------------------------------------------------------
 def build_diag_model(plans: Dict, pre: Path, diagnosis_input: str, pretrained: bool, levels: Sequence[int],
-                     seed: int = 0):
+                     pooling: Sequence[str] = ("mil",), seed: int = 0):
     """The ``ortho_train --task diag`` model, encoders pretrained (from ``encoder.pt``) or at random init."""
     import torch
     from orthonet.diffusion import DEFAULT_T
@@ -144,6 +148,8 @@ def build_diag_model(plans: Dict, pre: Path, diagnosis_input: str, pretrained: b
     cfg = ModelConfig(task="diag", configuration=CONFIG, views=views, segmentation_view=None,
                       channels_by_view={v: 1 for v in views}, n_diagnoses=n_diag, diagnosis_input=diagnosis_input,
                       levels=list(levels),
+                      # the whole-exam head pools as ortho_train's (attention-MIL); the crop model keeps its pooling
+                      head_kwargs={"pooling": list(pooling)} if diagnosis_input == "whole" else {},
                       feature_t={v: DEFAULT_T for v in views} if diagnosis_input == "whole" else {})
     torch.manual_seed(seed)
     model = build_model(plans, cfg)
@@ -373,8 +379,8 @@ def markdown(results: Dict, names: Sequence[str], command: str) -> str:
         f"{pre.get('summary')}.",
         "",
         "Diagnosis: the `--task diag` model with encoders frozen (frozen-probe mode, `DiagTrainerDiffusionFeatures`), "
-        f"diffusion features at t = {results['feature_t']} of encoder levels {results['levels']}; the head (attention-MIL per view and "
-        f"diagnosis, auxiliary view heads, concat fusion) trained {results['head_steps']} AdamW steps of "
+        f"diffusion features at t = {results['feature_t']} of encoder levels {results['levels']}; the head (per view and "
+        f"diagnosis (`{results['pooling']}` pooling), auxiliary view heads, concat fusion) trained {results['head_steps']} AdamW steps of "
         f"{results['head_batch']} exams with the trainer's loss. 'no pretraining' = the same model with its encoders "
         "at their random initialisation; 'centre crop' = the old `--diagnosis-input crop` model (global pooling of "
         "the planned-patch centre crop of each view).",
@@ -434,7 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows, boots = {}, {}
     shapes = None
     for enc, inp in variants:
-        model = build_diag_model(plans, pre, inp, enc == "pretrained", ints(args.levels))
+        model = build_diag_model(plans, pre, inp, enc == "pretrained", ints(args.levels), args.pooling.split(","))
         t0 = time.time()
         feats = cache_features(model, plans, pre, cases, inp)
         print(f"[features] {enc}/{inp}: {len(cases)} exams in {time.time() - t0:.0f} s", flush=True)
@@ -467,7 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "n_unlabeled": args.n_unlabeled, "size": args.size, "plan_args": args.plan_args,
                "folds": args.folds, "bootstrap": args.bootstrap, "fraction": args.fraction,
                "subsets": args.subsets, "low_label_exams": low_n, "feature_t": DEFAULT_T,
-               "head_steps": args.head_steps, "levels": args.levels, "head_batch": args.head_batch, "shapes": shapes,
+               "head_steps": args.head_steps, "levels": args.levels, "pooling": args.pooling, "head_batch": args.head_batch, "shapes": shapes,
                "pretraining": {"steps": args.pretrain_steps, "patch": args.pretrain_patch or "planned",
                                "batch": args.pretrain_batch, "per_view": pre_stats, "summary": pre_summary},
                "diagnoses": names, "rows": rows, "paired_difference_low_labels": diff,
