@@ -94,9 +94,11 @@ def _segment_fn(model: nn.Module, device: torch.device):
 def _fused_segment_fn(loaded: LoadedModel, context: Mapping[str, ArrayLike],
                       properties_by_view: Mapping[str, Dict]):
     """Tile predictor for ``--fuse-views`` models: each tile gets the other views' crops centred on the same
-    physical point and every crop's affine, exactly as the aligned training loader builds them."""
+    physical point, every crop's affine and image extent (the crop's voxels inside the view's volume), exactly as
+    the aligned training loaders build them (:class:`training.data.sources.AlignedContext`); a view the case lacks
+    is not given, which the fusion treats as training treats an empty extent (zeros, coverage 0)."""
     from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
-    from orthonet.networks.cross_view import patch_affine, preprocessed_index_to_physical
+    from orthonet.networks.cross_view import crop_extent, patch_affine, preprocessed_index_to_physical
     from training.data.sampling import aligned_bbox, patch_center_physical
     cfg = loaded.config
     seg_view = cfg.segmentation_view
@@ -108,6 +110,7 @@ def _fused_segment_fn(loaded: LoadedModel, context: Mapping[str, ArrayLike],
         inputs = {seg_view: x.to(loaded.device)}
         affines = {seg_view: [], **{v: [] for v in arrays}}
         crops = {v: [] for v in arrays}
+        extents = {v: [] for v in arrays}
         for off in offsets:
             bbox = [[int(o), int(o) + p] for o, p in zip(off, patch)]
             affines[seg_view].append(patch_affine(affine[seg_view], off))
@@ -116,11 +119,13 @@ def _fused_segment_fn(loaded: LoadedModel, context: Mapping[str, ArrayLike],
                 vb = aligned_bbox(affine[v], center, loaded.patch_size(v))
                 crops[v].append(torch.from_numpy(np.asarray(crop_and_pad_nd(arr, vb, 0), dtype=np.float32)))
                 affines[v].append(patch_affine(affine[v], [b[0] for b in vb]))
+                extents[v].append(crop_extent(vb, arr.shape[1:]))
         for v in arrays:
             inputs[v] = torch.stack(crops[v]).to(loaded.device)
         aff = {v: torch.from_numpy(np.stack(a)).to(loaded.device) for v, a in affines.items()}
+        ext = {v: torch.from_numpy(np.stack(e)).to(loaded.device) for v, e in extents.items()}
         with torch.no_grad(), autocast(loaded.device):
-            out = loaded.model.segment(inputs, affines=aff)
+            out = loaded.model.segment(inputs, affines=aff, extents=ext)
         return (out[0] if isinstance(out, (list, tuple)) else out).float()
     return predict
 

@@ -78,7 +78,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--plans", default=DEFAULT_PLANS, help="plans name (default orthoPlans)")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--fuse-views", action="store_true",
-                   help="segmentation: sample the other views' bottleneck features into the segmentation view")
+                   help="seg and multitask: sample the other views' bottleneck features into the segmentation "
+                        "view (not for --task diag)")
     p.add_argument("--fusion", choices=["concat", "attention", "gating"], default="concat",
                    help="diagnosis fusion across views: concat + MLP (default), cross-view attention, or per-label "
                         "view gating")

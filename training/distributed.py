@@ -13,11 +13,12 @@ Batch and learning-rate rule (orthonet's choice, documented in docs/training.md)
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,27 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+_local_depth = 0   # > 0 inside local_only(): the collective helpers below act as in a single process
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Work one rank does alone (rank 0's online validation): the helpers below (barrier, all_reduce_mean,
+    all_gather_objects, all_gather_with_grad, and with it batch Dice) stay on this rank, because a collective op
+    there would wait forever for ranks that are elsewhere (at the epoch's barrier)."""
+    global _local_depth
+    _local_depth += 1
+    try:
+        yield
+    finally:
+        _local_depth -= 1
+
+
+def _collective() -> bool:
+    """Whether the helpers talk to the other ranks: distributed and not inside :func:`local_only`."""
+    return is_distributed() and _local_depth == 0
+
+
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
@@ -83,13 +105,13 @@ def is_main_process() -> bool:
 
 
 def barrier() -> None:
-    if is_distributed():
+    if _collective():
         dist.barrier()
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of ``tensor`` over ranks (a new tensor; the input is unchanged). Identity outside DDP."""
-    if not is_distributed():
+    if not _collective():
         return tensor.clone()
     out = tensor.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
@@ -98,7 +120,7 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_gather_objects(obj) -> List:
     """Gather one picklable object per rank (e.g. validation predictions); ``[obj]`` outside DDP."""
-    if not is_distributed():
+    if not _collective():
         return [obj]
     out: List = [None] * world_size()
     dist.all_gather_object(out, obj)
@@ -122,8 +144,8 @@ class _AllGatherGrad(torch.autograd.Function):
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Stack of ``tensor`` from every rank (world, ...); ``tensor[None]`` outside DDP."""
-    if not is_distributed():
+    """Stack of ``tensor`` from every rank (world, ...); ``tensor[None]`` outside DDP (and in :func:`local_only`)."""
+    if not _collective():
         return tensor[None]
     return _AllGatherGrad.apply(tensor)
 

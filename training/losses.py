@@ -26,7 +26,8 @@ def valid_voxel_mask(target: torch.Tensor, ignore_label: Optional[int] = None) -
 class SoftDiceLoss(nn.Module):
     """Memory-efficient soft Dice (nnU-Net's ``MemoryEfficientSoftDiceLoss``) returning ``1 - mean Dice``.
 
-    ``batch_dice`` pools the statistics over the batch (and over DDP ranks, gradient-preserving, when ``ddp``);
+    ``batch_dice`` pools the statistics over the batch (and over DDP ranks, gradient-preserving, when ``ddp``;
+    inside :func:`training.distributed.local_only`, e.g. rank 0's validation, over the local batch only);
     ``do_bg=False`` leaves the background channel out of the mean. ``loss_mask`` (b, 1, ...) zeroes voxels that
     must not count.
     """

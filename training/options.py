@@ -53,9 +53,20 @@ class TrainOptions:
         self.label_fraction = float(self.label_fraction)
         if self.diagnosis_input not in ("whole", "crop"):
             raise OrthoError(f"--diagnosis-input must be 'whole' or 'crop', got '{self.diagnosis_input}'")
+        check_fuse_views(self.task, self.fuse_views)
 
     def to_dict(self) -> Dict:
         return asdict(self)
+
+
+def check_fuse_views(task: Optional[str], fuse_views: bool) -> None:
+    """Refuse ``--fuse-views`` for the diagnosis-only task instead of ignoring it: the flag fuses the other views
+    into the segmentation view's decoder, and a diagnosis model has no decoder (its head already fuses every
+    view)."""
+    if fuse_views and task == "diag":
+        raise OrthoError("--fuse-views fuses the other views into the segmentation and does nothing for --task diag "
+                         "(the diagnosis head already fuses every view)",
+                         fix="drop --fuse-views, or train --task multitask (segmentation + diagnosis) with it")
 
 
 def model_folder_name(trainer: str, plans_name: str, configuration: str, label_fraction: float = 1.0,

@@ -94,15 +94,45 @@ def patch_affine(affine: ArrayLike, offset: Sequence[int]) -> ArrayLike:
     return np.asarray(affine, dtype=np.float64) @ shift
 
 
+def crop_extent(bbox: Sequence[Sequence[int]], volume_shape: Sequence[int]) -> np.ndarray:
+    """(3, 2) int64 ``[lo, hi)`` per axis: the voxels of a crop (``bbox`` in the volume's index, possibly reaching
+    outside it and zero-padded there) that lie inside the volume, in the crop's own index.
+
+    Why: the padding of a crop is not image; the fusion's coverage channel must say where the other view has
+    image, whatever the crop box. A missing view is :data:`EMPTY_EXTENT`."""
+    lo = np.array([int(b[0]) for b in bbox], dtype=np.int64)
+    size = np.array([int(b[1]) - int(b[0]) for b in bbox], dtype=np.int64)
+    start = np.clip(-lo, 0, size)
+    stop = np.clip(np.asarray(volume_shape, dtype=np.int64) - lo, 0, size)
+    return np.stack([start, np.maximum(stop, start)], axis=1)
+
+
+#: the extent of a view the case lacks: no voxel has image (the fusion then gives zeros and coverage 0)
+EMPTY_EXTENT = np.zeros((3, 2), dtype=np.int64)
+
+
+def feature_extent(extent: ArrayLike, stride: Sequence[int]) -> torch.Tensor:
+    """Continuous interval ``[a, b]`` (..., 3, 2) in the index of a feature map downsampled by ``stride`` covered by
+    the input voxels ``[lo, hi)`` of ``extent`` (input voxel i spans i +- 0.5; feature voxel j sits on input voxel
+    j * stride, see :func:`feature_affine`); empty extents give ``a > b``."""
+    e = torch.as_tensor(np.asarray(extent) if not isinstance(extent, torch.Tensor) else extent).double()
+    s = torch.as_tensor([float(v) for v in stride], dtype=torch.float64, device=e.device)
+    lo, hi = e[..., 0], e[..., 1]
+    a = torch.where(hi > lo, (lo - 0.5) / s, torch.full_like(lo, float("inf")))
+    return torch.stack([a, (hi - 0.5) / s], dim=-1)
+
+
 def sample_into_grid(features: torch.Tensor, src_affine: ArrayLike, dst_affine: ArrayLike,
-                     dst_shape: Sequence[int], mode: str = "bilinear", return_coverage: bool = False
+                     dst_shape: Sequence[int], mode: str = "bilinear", return_coverage: bool = False,
+                     src_extent: Optional[ArrayLike] = None
                      ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Resample ``features`` (B, C, z, y, x) from the grid ``src_affine`` into the grid ``dst_affine`` of
     ``dst_shape`` through physical coordinates; zeros outside the source. Affines: (4, 4) or per sample (B, 4, 4).
 
     ``mode='bilinear'`` is trilinear for 3D. Computed in float32 (coordinates need it, also under autocast) and
     returned in the features' dtype. With ``return_coverage`` also returns (B, 1, *dst_shape), 1 where the
-    destination voxel lies inside the source volume.
+    destination voxel lies inside the source feature map and, given ``src_extent`` ((3, 2) or (B, 3, 2) intervals
+    in source index, :func:`feature_extent`), inside that part of it (the other view's image, not its padding).
     """
     if features.ndim != 5:
         raise ValueError(f"features must be (B, C, z, y, x), got {tuple(features.shape)}")
@@ -122,6 +152,10 @@ def sample_into_grid(features: torch.Tensor, src_affine: ArrayLike, dst_affine: 
     if not return_coverage:
         return out
     inside = ((src_idx >= -0.5) & (src_idx <= size - 0.5)).all(dim=-1)
+    if src_extent is not None:
+        ext = torch.as_tensor(src_extent, device=device).float().expand(batch, 3, 2)
+        a, b = ext[:, None, None, None, :, 0], ext[:, None, None, None, :, 1]
+        inside &= ((src_idx >= a) & (src_idx <= b)).all(dim=-1)
     return out, inside[:, None].to(features.dtype)
 
 
@@ -130,7 +164,9 @@ class CrossViewBottleneckFusion(nn.Module):
     coverage channel per view), to the segmentation bottleneck; a 1x1 conv maps back to the bottleneck width.
 
     The 1x1 conv starts as the identity on the segmentation channels (zero on the others), so a pretrained decoder
-    sees unchanged features at the start of training. Views missing from ``others`` contribute zeros.
+    sees unchanged features at the start of training. A view contributes only where it has image (its features are
+    multiplied by its coverage): views missing from ``others``, and samples whose extent is empty (a view that
+    exam lacks), contribute zeros and coverage 0 alike, in training and at inference.
     """
 
     def __init__(self, seg_channels: int, other_channels: Dict[str, int], conv_op: type = nn.Conv3d):
@@ -146,16 +182,18 @@ class CrossViewBottleneckFusion(nn.Module):
             self.mix.weight[:, :seg_channels] = eye
 
     def forward(self, seg_bottleneck: torch.Tensor, seg_affine: ArrayLike,
-                others: Dict[str, Tuple[torch.Tensor, ArrayLike]]) -> torch.Tensor:
+                others: Dict[str, Tuple]) -> torch.Tensor:
         """``seg_affine``: affine of the bottleneck grid (see :func:`feature_affine`); ``others``:
-        ``{view: (bottleneck features, their affine)}``."""
+        ``{view: (bottleneck features, their affine[, their image extent (B, 3, 2), see feature_extent])}``."""
         parts = [seg_bottleneck]
         shape = seg_bottleneck.shape[2:]
         for v in self.views:
             if v in others:
-                feats, affine = others[v]
-                sampled, cover = sample_into_grid(feats, affine, seg_affine, shape, return_coverage=True)
-                parts += [sampled.to(seg_bottleneck.dtype), cover.to(seg_bottleneck.dtype)]
+                feats, affine, extent = (tuple(others[v]) + (None,))[:3]
+                sampled, cover = sample_into_grid(feats, affine, seg_affine, shape, return_coverage=True,
+                                                  src_extent=extent)
+                cover = cover.to(seg_bottleneck.dtype)
+                parts += [sampled.to(seg_bottleneck.dtype) * cover, cover]
             else:
                 parts.append(seg_bottleneck.new_zeros((seg_bottleneck.shape[0], self.other_channels[v] + 1)
                                                       + tuple(shape)))

@@ -125,7 +125,10 @@ class WholeExamDiagnosis:
             x = diffusion_noise(x, t, shape, generator)
         levels = self.levels[view]
         stride = total_stride(spec)
-        sizes = [padded_shape([max(1, int(n)) for n in s], stride) for s in shape.tolist()]
+        sizes = [_encoded_size(s, stride) for s in shape.tolist()]
+        largest = [max(sz[a] for sz in sizes) for a in range(x.ndim - 2)]
+        if any(n > m for n, m in zip(largest, x.shape[2:])):
+            x = pad_to_stride(x, stride, [max(n, m) for n, m in zip(largest, x.shape[2:])])
         if all(sz == list(x.shape[2:]) for sz in sizes):
             feats = self._encode(view, x, tile)
         else:
@@ -189,6 +192,16 @@ class WholeExamDiagnosis:
             peak = sal.flatten(2).amax(-1).clamp(min=1e-12)
             out[v] = sal / peak.reshape(*peak.shape, *([1] * (sal.ndim - 2)))
         return out
+
+
+def _encoded_size(shape: Sequence[int], stride: Sequence[int]) -> List[int]:
+    """The stride-padded extent one sample is encoded on. An absent view (size 0: the exam lacks it) runs on two
+    total strides of zeros, so the deepest level keeps more than one position for instance norm; its features are
+    masked out (mask all False) and the view is marked absent, yet every encoder parameter stays in the graph (DDP
+    expects that of each rank, whatever views its batch lacks)."""
+    if any(int(n) <= 0 for n in shape):
+        return [2 * int(s) for s in stride]
+    return padded_shape([int(n) for n in shape], stride)
 
 
 def _default_tile(spatial: Sequence[int], voxels: int, stride: Sequence[int]) -> List[int]:

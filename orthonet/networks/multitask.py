@@ -15,11 +15,14 @@ from torch import nn
 
 from orthonet.networks.build import (build_encoder, build_network, conv_dim, cumulative_strides,
                                      encoder_output_channels, resolve_network_kwargs)
-from orthonet.networks.cross_view import CrossViewBottleneckFusion, feature_affine
+from orthonet.networks.cross_view import CrossViewBottleneckFusion, feature_affine, feature_extent
 from orthonet.networks.diagnosis import DiagnosisHead, LevelsArg, WholeExamDiagnosis, levels_by_view
 from orthonet.networks.pyramid_head import PyramidSegmentationHead
 
 Inputs = Union[torch.Tensor, Dict[str, torch.Tensor]]
+#: per view, (B, 3, 2) ``[lo, hi)`` voxels of its input crop that hold image (:func:`~orthonet.networks.cross_view.
+#: crop_extent`); a view without an entry counts as image everywhere in its crop
+Extents = Optional[Dict[str, object]]
 
 #: Segmentation heads: the plan's U-Net decoder, or a per-voxel MLP on all encoder levels
 #: (:class:`~orthonet.networks.pyramid_head.PyramidSegmentationHead`: for few labels and short schedules).
@@ -168,13 +171,22 @@ class _SegmentationBase(nn.Module):
         """Affine of ``view``'s bottleneck given the affine of its input array/patch."""
         return feature_affine(input_affine, cumulative_strides(self.specs_by_view[view])[-1])
 
-    def _segment(self, skips: Dict[str, List[torch.Tensor]], affines: Optional[Dict[str, object]]):
+    def _other_bottleneck(self, view: str, skips: List[torch.Tensor], affine, extents: Extents) -> tuple:
+        """(bottleneck, its affine, its image extent or None) of another view, as the cross-view fusion takes it."""
+        extent = None
+        if extents is not None and view in extents:
+            stride = cumulative_strides(self.specs_by_view[view])[-1]
+            extent = feature_extent(extents[view], stride)
+        return skips[-1], self.bottleneck_affine(view, affine), extent
+
+    def _segment(self, skips: Dict[str, List[torch.Tensor]], affines: Optional[Dict[str, object]],
+                 extents: Extents = None):
         seg_skips = list(skips[self.seg_view])
         if self.cross_view is not None:
             if affines is None or self.seg_view not in affines:
                 raise ValueError("fuse_views needs the input affines of the views: forward(inputs, affines={view: "
                                  "(B, 4, 4) index->physical}) (see orthonet.networks.cross_view)")
-            others = {v: (s[-1], self.bottleneck_affine(v, affines[v])) for v, s in skips.items()
+            others = {v: self._other_bottleneck(v, s, affines[v], extents) for v, s in skips.items()
                       if v != self.seg_view and v in affines}
             seg_skips[-1] = self.cross_view(seg_skips[-1], self.bottleneck_affine(self.seg_view,
                                                                                   affines[self.seg_view]), others)
@@ -184,14 +196,14 @@ class _SegmentationBase(nn.Module):
             return self.pyramid(seg_skips, size)
         return self.decoder(seg_skips)
 
-    def segment(self, inputs: Inputs, affines: Optional[Dict[str, object]] = None):
+    def segment(self, inputs: Inputs, affines: Optional[Dict[str, object]] = None, extents: Extents = None):
         """Segmentation output only (no diagnosis head): what sliding-window inference calls per tile."""
         inputs = self._as_dict(inputs)
         if self.seg_view not in inputs:
             raise ValueError(f"the segmentation view '{self.seg_view}' is missing from the inputs")
         views = [v for v in inputs if v == self.seg_view or self.cross_view is not None]
         skips = {v: self.encoders[v](inputs[v]) for v in views}
-        return self._segment(skips, affines)
+        return self._segment(skips, affines, extents)
 
     def _as_dict(self, inputs: Inputs) -> Dict[str, torch.Tensor]:
         if isinstance(inputs, torch.Tensor):
@@ -211,7 +223,7 @@ class SegmentationModel(_SegmentationBase):
     ``forward(inputs)`` takes the segmentation view's tensor (or ``{view: tensor}``) and returns DNA's output
     (a tensor, or a list of tensors from high to low resolution with deep supervision). With ``fuse_views`` the
     other views' encoders run too and their bottlenecks are sampled into the segmentation view's grid:
-    ``forward(inputs, affines={view: (B, 4, 4)})``.
+    ``forward(inputs, affines={view: (B, 4, 4)}, extents={view: (B, 3, 2)})`` (extents: where each crop has image).
     """
 
     def __init__(self, specs_by_view: Dict[str, Dict], channels_by_view: Dict[str, int], seg_view: str,
@@ -221,12 +233,12 @@ class SegmentationModel(_SegmentationBase):
         self._build_segmentation(specs_by_view, channels_by_view, seg_view, num_classes, deep_supervision,
                                  fuse_views, views, seg_head)
 
-    def forward(self, inputs: Inputs, affines: Optional[Dict[str, object]] = None):
+    def forward(self, inputs: Inputs, affines: Optional[Dict[str, object]] = None, extents: Extents = None):
         inputs = self._as_dict(inputs)
         if self.seg_view not in inputs:
             raise ValueError(f"the segmentation view '{self.seg_view}' is missing from the inputs")
         skips = {v: self.encoders[v](x) for v, x in inputs.items()}
-        return self._segment(skips, affines)
+        return self._segment(skips, affines, extents)
 
 
 class MultiTaskModel(WholeExamDiagnosis, _SegmentationBase):
@@ -239,6 +251,10 @@ class MultiTaskModel(WholeExamDiagnosis, _SegmentationBase):
     With ``whole_exam`` the diagnosis reads whole volumes: ``forward(patches, present, affines, whole={view:
     volumes}, shapes={view: (B, ndim)})`` segments the patches and diagnoses the whole volumes (the patches'
     skips are not pooled); ``diagnose(volumes, present, shapes)`` diagnoses alone.
+
+    With ``fuse_views`` the segmentation also needs ``affines`` (and ``extents``) of its inputs; ``context={view:
+    crops}`` gives the other views' crops aligned with the segmentation patch (``--fuse-views`` training), which the
+    segmentation fuses instead of the diagnosis inputs (whole volumes, or centre crops elsewhere in the exam).
     """
 
     def __init__(self, specs_by_view: Dict[str, Dict], channels_by_view: Dict[str, int], seg_view: str,
@@ -265,16 +281,26 @@ class MultiTaskModel(WholeExamDiagnosis, _SegmentationBase):
 
     def forward(self, inputs: Inputs, present: Optional[Dict[str, torch.Tensor]] = None,
                 affines: Optional[Dict[str, object]] = None, whole: Optional[Dict[str, torch.Tensor]] = None,
-                shapes: Optional[Dict[str, torch.Tensor]] = None) -> Dict:
+                shapes: Optional[Dict[str, torch.Tensor]] = None, context: Optional[Dict[str, torch.Tensor]] = None,
+                extents: Extents = None) -> Dict:
         inputs = self._as_dict(inputs)
+        context = self._as_dict(context) if context is not None else None
         if self.whole_exam:
             if whole is None:
                 raise ValueError("this multitask model diagnoses whole exams: forward(patches, present, affines, "
                                  "whole={view: volumes}, shapes={view: (B, ndim)})")
             out = self.diagnose_whole(self._as_dict(whole), present, shapes)
-            out["seg"] = self.segment(inputs, affines) if self.seg_view in inputs else None
+            out["seg"] = None
+            if self.seg_view in inputs:
+                seg_inputs = inputs if context is None else {self.seg_view: inputs[self.seg_view], **context}
+                out["seg"] = self.segment(seg_inputs, affines, extents)
             return out
         skips = {v: self.encoders[v](x) for v, x in inputs.items()}
         out = self.diagnosis({v: [s[i] for i in self.levels[v]] for v, s in skips.items()}, present)
-        out["seg"] = self._segment(skips, affines) if self.seg_view in skips else None
+        if self.seg_view not in skips:
+            out["seg"] = None
+            return out
+        seg_skips = skips if context is None else \
+            {self.seg_view: skips[self.seg_view], **{v: self.encoders[v](x) for v, x in context.items()}}
+        out["seg"] = self._segment(seg_skips, affines, extents)
         return out

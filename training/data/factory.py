@@ -83,7 +83,8 @@ def make_multiview_loader(store: PreprocessedCaseStore, cases: Sequence[str], pl
                           sequential: Optional[bool] = None, timeout_s: float = 900.0,
                           light_augmentation_views: Sequence[str] = (), whole_views: Sequence[str] = (),
                           max_whole_shape: Optional[Dict[str, Sequence[int]]] = None,
-                          whole_intensity_jitter: float = 0.1, **loader_kwargs) -> BatchLoader:
+                          whole_intensity_jitter: float = 0.1, fuse_views: bool = False,
+                          **loader_kwargs) -> BatchLoader:
     """Multi-view batches (diagnosis / multitask). Batch size defaults to the smallest plan batch of the views.
 
     Validation (``train=False``) uses deterministic centre crops and, by default, visits each case once in order.
@@ -95,6 +96,10 @@ def make_multiview_loader(store: PreprocessedCaseStore, cases: Sequence[str], pl
     intensity jitter only in training (no mirroring: a flip swaps medial and lateral, and with them the labels);
     ``max_whole_shape`` caps a view's training volume (a random cut; validation cuts the centre). Patches are then
     cut only for the segmentation view.
+
+    ``fuse_views`` (multitask ``--fuse-views``) adds the other views' crops aligned with the segmentation patch
+    (:class:`~training.data.sources.AlignedContext`) and keeps the segmentation view's augmentation intensity-only,
+    as :func:`make_aligned_views_loader`: a spatial transform would break the physical alignment.
     """
     from orthonet.networks.build import network_spec
     from orthonet.networks.whole_exam import total_stride
@@ -105,9 +110,14 @@ def make_multiview_loader(store: PreprocessedCaseStore, cases: Sequence[str], pl
     cfgs = {v: view_configuration(plans, v, configuration) for v in all_views}
     patches = {v: [int(p) for p in cfgs[v]["patch_size"]] for v in all_views}
     samples, transforms = {}, {}
+    fused = fuse_views and segmentation_view is not None
     for v in all_views:
         ds = ds_scales_for(cfgs[v]) if (deep_supervision and v == segmentation_view) else None
-        if train and v in light_augmentation_views and v != segmentation_view:
+        if train and fused and v == segmentation_view:
+            from training.data.augmentation import build_intensity_only_transforms
+            samples[v] = patches[v]
+            transforms[v] = build_intensity_only_transforms(ds, padding_label)
+        elif train and v in light_augmentation_views and v != segmentation_view:
             samples[v] = patches[v]
             transforms[v] = build_pretraining_transforms(resolve_mirror_axes(len(patches[v]), mirror_axes), 0.1)
         elif train:
@@ -121,12 +131,16 @@ def make_multiview_loader(store: PreprocessedCaseStore, cases: Sequence[str], pl
                            for v in all_views + whole_views)
     n_diag = n_diagnoses if n_diagnoses is not None else len(plans.get("diagnoses") or [])
     strides = {v: total_stride(network_spec(plans, v, configuration)) for v in whole_views}
+    aligned = [v for v in views if v != segmentation_view] if fused else []
+    aligned_patches = {v: [int(p) for p in view_configuration(plans, v, configuration)["patch_size"]]
+                       for v in aligned}
     source = MultiviewBatchSource(store, cases, all_views, segmentation_view, bs, patches, samples, transforms,
                                   diagnoses, n_diag, keep_labels, oversample_foreground, jitter if train else 0.0,
                                   ignore_label, sequential=(not train) if sequential is None else sequential,
                                   center_crop=not train, whole_views=whole_views, whole_strides=strides,
                                   max_whole_shape=max_whole_shape,
-                                  whole_intensity_jitter=whole_intensity_jitter if train else 0.0)
+                                  whole_intensity_jitter=whole_intensity_jitter if train else 0.0,
+                                  aligned_views=aligned, aligned_patch_sizes=aligned_patches)
     return BatchLoader(source, num_workers=num_workers, seed=seed, timeout_s=timeout_s, **loader_kwargs)
 
 

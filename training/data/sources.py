@@ -20,7 +20,7 @@ view)`` so that a failure, or a worker killed mid-read, is reported with the cas
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 import numpy as np
 import torch
@@ -194,6 +194,63 @@ class ImageBatchSource(BatchSource):
         return {"data": torch.stack(images).float(), "keys": keys}
 
 
+class AlignedContext:
+    """Per other view, a crop centred on the segmentation patch's physical centre, its index->physical affine and
+    its image extent (``--fuse-views``), gathered sample by sample and stacked by :meth:`batch_entries`.
+
+    A view the exam lacks gets a zero crop, the segmentation patch's affine and :data:`EMPTY_EXTENT`, so the fusion
+    gives it zeros and coverage 0 exactly as prediction does for a view it is not given.
+    """
+
+    def __init__(self, store: PreprocessedCaseStore, seg_view: str, views: Sequence[str],
+                 patch_sizes: Dict[str, Sequence[int]], channels_of: Callable[[str], int]):
+        self.store, self.seg_view = store, seg_view
+        self.views = [v for v in views if v != seg_view]
+        self.patch_sizes = {v: tuple(int(p) for p in patch_sizes[v]) for v in self.views}
+        self.channels_of = channels_of
+        self.context: Dict[str, List[torch.Tensor]] = {v: [] for v in self.views}
+        self.present: Dict[str, List[bool]] = {v: [] for v in self.views}
+        self.extents: Dict[str, List[np.ndarray]] = {v: [] for v in self.views}
+        self.affines: Dict[str, List[np.ndarray]] = {v: [] for v in [seg_view, *self.views]}
+
+    def add(self, case: str, bbox: Optional[Sequence[Sequence[int]]], seg_properties: Optional[Dict],
+            tracker: LoadTracker) -> None:
+        """One sample: the segmentation patch ``bbox`` of an array with ``seg_properties`` (None: no patch)."""
+        from orthonet.networks.cross_view import EMPTY_EXTENT, crop_extent, patch_affine, \
+            preprocessed_index_to_physical
+        from training.data.sampling import aligned_bbox, patch_center_physical
+        center, seg_patch = None, np.eye(4)
+        if bbox is not None and seg_properties is not None:
+            seg_affine = preprocessed_index_to_physical(seg_properties)
+            seg_patch = patch_affine(seg_affine, [b[0] for b in bbox])
+            center = patch_center_physical(seg_affine, bbox)
+        self.affines[self.seg_view].append(seg_patch)
+        for v in self.views:
+            patch = self.patch_sizes[v]
+            if center is None or not self.store.has_view(case, v):
+                self.context[v].append(torch.zeros((self.channels_of(v), *patch)))
+                self.present[v].append(False)
+                self.affines[v].append(seg_patch)
+                self.extents[v].append(EMPTY_EXTENT)
+                continue
+            with tracker.loading(case, v):
+                other = self.store.open(case, v, with_seg=False)
+                a = preprocessed_index_to_physical(other.properties)
+                vb = aligned_bbox(a, center, patch)
+                self.context[v].append(torch.from_numpy(other.crop_image(vb)))
+                self.present[v].append(True)
+                self.affines[v].append(patch_affine(a, [b[0] for b in vb]))
+                self.extents[v].append(crop_extent(vb, other.shape))
+
+    def batch_entries(self) -> Dict[str, Any]:
+        """``context`` {view: (B, C, *patch)}, ``context_present`` {view: (B,)}, ``affines`` {view: (B, 4, 4)
+        float64, the segmentation view included}, ``extents`` {view: (B, 3, 2) int64}."""
+        return {"context": {v: torch.stack(t).float() for v, t in self.context.items()},
+                "context_present": {v: torch.tensor(p, dtype=torch.bool) for v, p in self.present.items()},
+                "affines": {v: torch.from_numpy(np.stack(a)) for v, a in self.affines.items()},
+                "extents": {v: torch.from_numpy(np.stack(e)) for v, e in self.extents.items()}}
+
+
 class MultiviewBatchSource(BatchSource):
     """One patch per view and case, the diagnosis vector and the segmentation of the segmentation view.
 
@@ -201,7 +258,9 @@ class MultiviewBatchSource(BatchSource):
     vector (NaN unknown); ``keep_labels`` (label fraction) restricts which cases keep their labels — the others
     get NaN diagnoses and ``has_seg`` False. A case missing a view gets a zero patch and ``present[view]``
     False, so the trainer can learn (and be tested) with missing views. ``center_crop`` makes every crop the
-    deterministic centre crop (validation).
+    deterministic centre crop (validation). ``aligned_views`` (``--fuse-views`` multitask) adds, per sample, those
+    views' crops centred on the segmentation patch in physical space (:class:`AlignedContext`: ``context``,
+    ``context_present``, ``affines``, ``extents``); the segmentation view's transforms must then be intensity-only.
     """
 
     kind = "multiview"
@@ -214,8 +273,14 @@ class MultiviewBatchSource(BatchSource):
                  jitter: float = 0.1, ignore_label: Optional[int] = None, sequential: bool = False,
                  center_crop: bool = False, whole_views: Sequence[str] = (),
                  whole_strides: Optional[Dict[str, Sequence[int]]] = None,
-                 max_whole_shape: Optional[Dict[str, Sequence[int]]] = None, whole_intensity_jitter: float = 0.0):
+                 max_whole_shape: Optional[Dict[str, Sequence[int]]] = None, whole_intensity_jitter: float = 0.0,
+                 aligned_views: Sequence[str] = (), aligned_patch_sizes: Optional[Dict[str, Sequence[int]]] = None):
         super().__init__(store, cases, batch_size, sequential)
+        if aligned_views and segmentation_view is None:
+            raise OrthoError("cross-view fusion (--fuse-views) needs a segmentation view to align the views to")
+        self.aligned_views = [v for v in aligned_views if v != segmentation_view]
+        self.aligned_patch_sizes = {v: tuple(int(p) for p in (aligned_patch_sizes or patch_sizes)[v])
+                                    for v in self.aligned_views}
         self.whole_views = list(whole_views)
         self.whole_strides = {v: tuple(int(s) for s in (whole_strides or {}).get(v, (1, 1, 1)))
                               for v in self.whole_views}
@@ -256,6 +321,7 @@ class MultiviewBatchSource(BatchSource):
         return self._channels[view]
 
     def _view_sample(self, case: str, view: str, j: int, rng: np.random.Generator, tracker: LoadTracker):
+        """(image, label map or None, view present, labels used, (bbox, properties) of the crop or None)."""
         final, sample = self.patch_sizes[view], self.sample_patch_sizes[view]
         is_seg_view = view == self.seg_view
         if not self.store.has_view(case, view):
@@ -266,7 +332,7 @@ class MultiviewBatchSource(BatchSource):
             if t is not None:
                 out = t(image=img, segmentation=seg) if seg is not None else t(image=img)
                 img, seg = out["image"], out.get("segmentation")
-            return torch.zeros_like(img), (_fill_like(seg, -1) if seg is not None else None), False, False
+            return torch.zeros_like(img), (_fill_like(seg, -1) if seg is not None else None), False, False, None
         with tracker.loading(case, view):
             use_seg = is_seg_view and self._labels_kept(case) and self.store.has_seg(case, view)
             arrays = self.store.open(case, view, with_seg=use_seg)
@@ -295,7 +361,7 @@ class MultiviewBatchSource(BatchSource):
                 img, seg = out["image"], out.get("segmentation")
             if is_seg_view and not use_seg:
                 seg = _fill_like(seg, -1)
-        return img, seg, True, use_seg
+        return img, seg, True, use_seg, (bbox, arrays.properties)
 
     def _whole_sample(self, case: str, view: str, rng: np.random.Generator, tracker: LoadTracker):
         """(C, *S) float32 whole volume (cut to ``max_whole_shape`` at a random place in training, centred in
@@ -346,15 +412,20 @@ class MultiviewBatchSource(BatchSource):
         data: Dict[str, List[torch.Tensor]] = {v: [] for v in self.views}
         present: Dict[str, List[bool]] = {v: [] for v in self.views}
         segs, has_seg, diag = [], [], []
+        aligned = AlignedContext(self.store, self.seg_view, self.aligned_views, self.aligned_patch_sizes,
+                                 self._num_channels) if self.aligned_views else None
         for j, case in enumerate(cases):
             case_has_seg = False
             for view in self.views:
-                img, seg, ok, used = self._view_sample(case, view, j, rng, tracker)
+                img, seg, ok, used, where = self._view_sample(case, view, j, rng, tracker)
                 data[view].append(img)
                 present[view].append(ok)
                 if view == self.seg_view:
                     segs.append(seg)
                     case_has_seg = used
+                    if aligned is not None:
+                        bbox, props = where if where is not None else (None, None)
+                        aligned.add(case, bbox, props, tracker)
             has_seg.append(case_has_seg)
             vec = np.full(self.n_diagnoses, np.nan, dtype=np.float32)
             if self._labels_kept(case) and case in self.diagnoses:
@@ -369,6 +440,8 @@ class MultiviewBatchSource(BatchSource):
         }
         if self.seg_view is not None:
             batch["target"] = _collate(segs)
+        if aligned is not None:
+            batch.update(aligned.batch_entries())
         if self.whole_views:
             extra = self._whole_batch(list(cases), rng, tracker)
             batch["whole"], batch["whole_shape"] = extra["whole"], extra["whole_shape"]
@@ -378,12 +451,12 @@ class MultiviewBatchSource(BatchSource):
 
 class AlignedViewsBatchSource(SegBatchSource):
     """Segmentation patches of the segmentation view plus, per other view, a crop centred on the same physical
-    point, and every crop's index->physical affine (``--fuse-views``).
+    point, and every crop's index->physical affine and image extent (``--fuse-views``, see :class:`AlignedContext`).
 
     Spatial augmentation would break the physical correspondence between the views, so the transforms given here
     must be intensity-only (see :func:`training.data.augmentation.build_intensity_only_transforms`).
     Batch: ``data`` (segmentation view), ``target``, ``context`` {view: (B, C, *patch)}, ``present`` {view: (B,)},
-    ``affines`` {view: (B, 4, 4) float64, the segmentation view included}, ``keys``.
+    ``affines`` {view: (B, 4, 4) float64, the segmentation view included}, ``extents`` {view: (B, 3, 2)}, ``keys``.
     """
 
     kind = "aligned"
@@ -409,13 +482,10 @@ class AlignedViewsBatchSource(SegBatchSource):
         return self._channels[view]
 
     def make_batch(self, index, rng, tracker=None):
-        from orthonet.networks.cross_view import patch_affine, preprocessed_index_to_physical
-        from training.data.sampling import aligned_bbox, patch_center_physical
         tracker = tracker or LoadTracker()
         images, segs, keys = [], [], []
-        context = {v: [] for v in self.other_views}
-        present = {v: [] for v in self.other_views}
-        affines = {v: [] for v in [self.view] + self.other_views}
+        aligned = AlignedContext(self.store, self.view, self.other_views, self.other_patch_sizes,
+                                 self._channels_of)
         for j, case in enumerate(self.cases_for(index, rng)):
             with tracker.loading(case, self.view):
                 arrays = self.store.open(case, self.view)
@@ -425,27 +495,10 @@ class AlignedViewsBatchSource(SegBatchSource):
                 if self.transforms is not None:
                     out = self.transforms(image=img, segmentation=seg)
                     img, seg = out["image"], out["segmentation"]
-                seg_affine = preprocessed_index_to_physical(arrays.properties)
-                affines[self.view].append(patch_affine(seg_affine, [b[0] for b in bbox]))
-                center = patch_center_physical(seg_affine, bbox)
-            for v in self.other_views:
-                patch = self.other_patch_sizes[v]
-                if not self.store.has_view(case, v):
-                    context[v].append(torch.zeros((self._channels_of(v), *patch)))
-                    present[v].append(False)
-                    affines[v].append(affines[self.view][-1])
-                    continue
-                with tracker.loading(case, v):
-                    other = self.store.open(case, v, with_seg=False)
-                    a = preprocessed_index_to_physical(other.properties)
-                    vb = aligned_bbox(a, center, patch)
-                    context[v].append(torch.from_numpy(other.crop_image(vb)))
-                    present[v].append(True)
-                    affines[v].append(patch_affine(a, [b[0] for b in vb]))
+            aligned.add(case, bbox, arrays.properties, tracker)
             images.append(img)
             segs.append(seg)
             keys.append(case)
-        return {"data": torch.stack(images).float(), "target": _collate(segs), "keys": keys,
-                "context": {v: torch.stack(t).float() for v, t in context.items()},
-                "present": {v: torch.tensor(p, dtype=torch.bool) for v, p in present.items()},
-                "affines": {v: torch.from_numpy(np.stack(a)) for v, a in affines.items()}}
+        entries = aligned.batch_entries()
+        entries["present"] = entries.pop("context_present")
+        return {"data": torch.stack(images).float(), "target": _collate(segs), "keys": keys, **entries}

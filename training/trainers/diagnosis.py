@@ -20,6 +20,7 @@ from training import distributed as dist
 from training.data.factory import make_multiview_loader
 from training.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
 from training.online_eval import DiagnosisCollector
+from training.options import check_fuse_views
 from training.runtime import autocast
 from training.trainers.base import BaseTrainer
 
@@ -69,6 +70,7 @@ class DiagTrainer(BaseTrainer):
         return MaskedBCEWithLogitsLoss(None if labels is None else compute_pos_weight(labels))
 
     def multiview_loader(self, cases, train: bool, seed: int):
+        check_fuse_views(self.task, self.opts.fuse_views)
         seg_view = self.segmentation_view if self.task == "multitask" else None
         whole = self.model_cfg.views if self.whole_exam else ()
         cap = {v: list(self.max_whole_shape) for v in whole} if self.max_whole_shape else None
@@ -82,7 +84,8 @@ class DiagTrainer(BaseTrainer):
                                      light_augmentation_views=self.model_cfg.views if self.light_augmentation
                                      else (), whole_views=whole, max_whole_shape=cap,
                                      whole_intensity_jitter=self.whole_intensity_jitter,
-                                     batch_size=self.whole_batch_size if self.whole_exam else None)
+                                     batch_size=self.whole_batch_size if self.whole_exam else None,
+                                     fuse_views=self.opts.fuse_views and seg_view is not None)
 
     def build_train_loader(self):
         self.bce = self.diagnosis_loss().to(self.device)
@@ -97,15 +100,30 @@ class DiagTrainer(BaseTrainer):
             return network(batch["whole"], batch["present"], batch["whole_shape"])
         return network(batch["data"], batch["present"])
 
-    def diagnosis_terms(self, batch: Dict, outputs: Dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def aux_view_loss(self, batch: Dict, outputs: Dict, reference: torch.Tensor) -> torch.Tensor:
+        """Mean auxiliary BCE over the views present in the batch, each on its own exams only.
+
+        A view absent from every exam of the batch still adds its logits with weight 0: DDP runs with
+        ``find_unused_parameters=False``, so each rank's graph must reach every parameter even when its batch lacks
+        a view (incomplete exams are the normal clinical case). ``reference`` (the fused loss) gives the zero
+        when no view is given at all."""
         target = batch["diagnosis"]
-        fused = self.bce(outputs["logits"], target)
-        aux = []
+        terms: List[torch.Tensor] = []
+        n_present = 0
         for view, logits in outputs["view_logits"].items():
-            present = batch["present"][view]
+            present = batch["present"][view].to(logits.device)
             if present.any():
-                aux.append(self.bce(logits[present], target[present]))
-        aux_loss = torch.stack(aux).mean() if aux else fused * 0.0
+                terms.append(self.bce(logits[present], target[present]))
+                n_present += 1
+            else:
+                terms.append(logits.float().sum() * 0.0)
+        if not terms:
+            return reference * 0.0
+        return torch.stack(terms).sum() / max(1, n_present)
+
+    def diagnosis_terms(self, batch: Dict, outputs: Dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        fused = self.bce(outputs["logits"], batch["diagnosis"])
+        aux_loss = self.aux_view_loss(batch, outputs, fused)
         return fused + self.aux_view_weight * aux_loss, {"bce": float(fused.detach()), "aux_bce": float(aux_loss.detach())}
 
     def compute_loss(self, batch: Dict, outputs) -> Tuple[torch.Tensor, Dict[str, float]]:

@@ -7,6 +7,7 @@ from typing import Dict, List, Sequence, Set, Tuple
 import numpy as np
 import torch
 
+from training import distributed as dist
 from training.online_eval import DiagnosisCollector, SegmentationCounts
 from training.trainers.diagnosis import DiagTrainer
 from training.trainers.segmentation import SegTrainer
@@ -42,9 +43,18 @@ class MultitaskTrainer(DiagTrainer):
             self.seg_loss_weight, self.diag_loss_weight = (float(w) for w in options.loss_weights)
 
     def run_model(self, network, batch: Dict):
+        fusion = self.fusion_inputs(batch)
         if self.whole_exam:
-            return network(batch["data"], batch["present"], None, batch["whole"], batch["whole_shape"])
-        return network(batch["data"], batch["present"])
+            return network(batch["data"], batch["present"], whole=batch["whole"], shapes=batch["whole_shape"],
+                           **fusion)
+        return network(batch["data"], batch["present"], **fusion)
+
+    def fusion_inputs(self, batch: Dict) -> Dict:
+        """--fuse-views: the other views' crops aligned with the segmentation patch, every crop's affine and image
+        extent (what prediction's tile predictor passes too); nothing otherwise."""
+        if not self.opts.fuse_views:
+            return {}
+        return {"context": batch["context"], "affines": batch["affines"], "extents": batch["extents"]}
 
     def build_optimizer(self, model, pretrained_names):
         return super(DiagTrainer, self).build_optimizer(model, pretrained_names)
@@ -63,12 +73,14 @@ class MultitaskTrainer(DiagTrainer):
         collector = DiagnosisCollector(self.spec.diagnoses)
         counts = SegmentationCounts(self.spec.class_names, self.spec.ignore_label)
         losses = []
-        for batch, out in self.validation_batches():
-            losses.append(float(self.compute_loss(batch, out)[0]))
-            collector.add(out["logits"], batch["diagnosis"], batch["keys"])
-            full = out["seg"][0] if isinstance(out["seg"], (list, tuple)) else out["seg"]
-            target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
-            counts.add(full, target, batch["has_seg"])
+        # rank 0 validates alone: its loss (batch Dice) must not all_gather with ranks waiting at the barrier
+        with dist.local_only():
+            for batch, out in self.validation_batches():
+                losses.append(float(self.compute_loss(batch, out)[0]))
+                collector.add(out["logits"], batch["diagnosis"], batch["keys"])
+                full = out["seg"][0] if isinstance(out["seg"], (list, tuple)) else out["seg"]
+                target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
+                counts.add(full, target, batch["has_seg"])
         macro = collector.macro_auc()
         mean_dice = counts.mean_dice()
         scores = [s for s in (macro, mean_dice) if np.isfinite(s)]

@@ -59,7 +59,8 @@ class SegTrainer(BaseTrainer):
     def model_inputs(self, batch: Dict):
         """(inputs, kwargs) for the network: the segmentation patch, plus the aligned views with --fuse-views."""
         if self.opts.fuse_views:
-            return {self.segmentation_view: batch["data"], **batch["context"]}, {"affines": batch["affines"]}
+            return ({self.segmentation_view: batch["data"], **batch["context"]},
+                    {"affines": batch["affines"], "extents": batch["extents"]})
         return batch["data"], {}
 
     def forward(self, batch: Dict):
@@ -75,7 +76,8 @@ class SegTrainer(BaseTrainer):
             self._val_loader = self._seg_loader(self.val_cases, False, self.opts.seed + 7)
         counts = SegmentationCounts(self.spec.class_names, self.spec.ignore_label)
         losses = []
-        with torch.no_grad():
+        # rank 0 validates alone: its loss (batch Dice) must not all_gather with ranks waiting at the barrier
+        with torch.no_grad(), dist.local_only():
             for _ in range(self.val_iterations):
                 batch = self.to_device(next(self._val_loader))
                 inputs, kwargs = self.model_inputs(batch)
