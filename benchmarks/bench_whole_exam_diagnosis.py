@@ -76,7 +76,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--fraction", type=float, default=0.1, help="label fraction of the low-label rows")
     p.add_argument("--subsets", type=int, default=2, help="random label subsets per fold at --fraction")
-    p.add_argument("--head-steps", type=int, default=200, help="optimizer steps of the diagnosis head")
+    p.add_argument("--head-steps", type=int, default=200, help="least optimizer steps of the diagnosis head")
+    p.add_argument("--head-epochs", type=float, default=0,
+                   help="at least this many passes over the training exams (steps = max(--head-steps, epochs x "
+                        "exams / batch)): a fixed step count underfits the 100 %% rows while the 10 %% rows run "
+                        "ten times as many epochs")
+    p.add_argument("--feature-cache", default="",
+                   help="folder for the frozen features (one file per encoder variant, reused when present; "
+                        "default: WORK/features)")
     p.add_argument("--head-batch", type=int, default=8, help="exams per head step")
     p.add_argument("--head-lr", type=float, default=1e-3)
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
@@ -118,6 +125,8 @@ def pretrain(args: argparse.Namespace, pre: Path, plans: Dict) -> Dict[str, Dict
                                     save_every=max(50, args.pretrain_steps // 2), num_workers=0,
                                     log_every=max(10, args.pretrain_steps // 10), progress=False,
                                     warmup_steps=max(1, args.pretrain_steps // 20), patch_size=patch)
+        for stale in (Path(args.feature_cache or Path(args.work) / "features")).glob("pretrained_*.pt"):
+            stale.unlink()                           # features of the encoders this pretraining replaces
         trainer = DiffusionPretrainer(plans, CONFIG, view, pre, folder, settings)
         t0 = time.time()
         trainer.run()
@@ -205,6 +214,28 @@ def cache_features(model, plans: Dict, pre: Path, cases: Sequence[str], diagnosi
     return out
 
 
+def cached_features(args: argparse.Namespace, model, plans: Dict, pre: Path, cases: Sequence[str], encoders: str,
+                    diagnosis_input: str) -> List[Dict[str, Tuple[List, List]]]:
+    """:func:`cache_features`, kept on disk per encoder variant so reruns of the head (other steps, subsets) skip
+    the encoder pass; the file is keyed by everything that changes the features and written atomically."""
+    import torch
+    from orthonet.diffusion import DEFAULT_T
+    folder = Path(args.feature_cache or Path(args.work) / "features")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = f"{encoders}_{diagnosis_input}_levels{args.levels.replace(',', '_')}_t{DEFAULT_T}_n{len(cases)}.pt"
+    path = folder / key
+    if path.is_file():
+        blob = torch.load(path, weights_only=True)
+        if blob["cases"] == list(cases):
+            print(f"[features] {encoders}/{diagnosis_input}: reused {path}", flush=True)
+            return blob["features"]
+    feats = cache_features(model, plans, pre, cases, diagnosis_input)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"cases": list(cases), "features": feats}, tmp)
+    os.replace(tmp, path)
+    return feats
+
+
 # ------------------------------------------------------------------------------------------------------------
 # head training on cached features
 # ------------------------------------------------------------------------------------------------------------
@@ -222,10 +253,11 @@ def train_head(model, feats: List[Dict], labels: np.ndarray, train_idx: np.ndarr
     head.train()
     bce = MaskedBCEWithLogitsLoss(compute_pos_weight(labels[train_idx]))
     opt = torch.optim.AdamW(head.parameters(), lr=args.head_lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - s / args.head_steps) ** 0.9)
+    steps = head_steps(args, len(train_idx))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - s / steps) ** 0.9)
     rng = np.random.default_rng(seed)
     y = torch.from_numpy(labels.astype(np.float32))
-    for _ in range(args.head_steps):
+    for _ in range(head_steps(args, len(train_idx))):
         batch = rng.choice(train_idx, size=min(args.head_batch, len(train_idx)), replace=False)
         out = head_forward(head, [feats[i] for i in batch])
         target = y[batch]
@@ -237,6 +269,11 @@ def train_head(model, feats: List[Dict], labels: np.ndarray, train_idx: np.ndarr
         opt.step()
         sched.step()
     return head.eval()
+
+
+def head_steps(args: argparse.Namespace, n_exams: int) -> int:
+    """Optimizer steps for ``n_exams`` training exams: ``--head-steps``, or ``--head-epochs`` passes if more."""
+    return max(int(args.head_steps), int(np.ceil(args.head_epochs * n_exams / max(1, args.head_batch))))
 
 
 def head_forward(head, exams: Sequence[Dict[str, Tuple[List, List]]]):
@@ -380,7 +417,8 @@ def markdown(results: Dict, names: Sequence[str], command: str) -> str:
         "",
         "Diagnosis: the `--task diag` model with encoders frozen (frozen-probe mode, `DiagTrainerDiffusionFeatures`), "
         f"diffusion features at t = {results['feature_t']} of encoder levels {results['levels']}; the head (per view and "
-        f"diagnosis (`{results['pooling']}` pooling), auxiliary view heads, concat fusion) trained {results['head_steps']} AdamW steps of "
+        f"diagnosis (`{results['pooling']}` pooling), auxiliary view heads, concat fusion) trained "
+        f"max({results['head_steps']}, {results.get('head_epochs', 0):g} epochs) AdamW steps of "
         f"{results['head_batch']} exams with the trainer's loss. 'no pretraining' = the same model with its encoders "
         "at their random initialisation; 'centre crop' = the old `--diagnosis-input crop` model (global pooling of "
         "the planned-patch centre crop of each view).",
@@ -442,7 +480,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for enc, inp in variants:
         model = build_diag_model(plans, pre, inp, enc == "pretrained", ints(args.levels), args.pooling.split(","))
         t0 = time.time()
-        feats = cache_features(model, plans, pre, cases, inp)
+        feats = cached_features(args, model, plans, pre, cases, enc, inp)
         print(f"[features] {enc}/{inp}: {len(cases)} exams in {time.time() - t0:.0f} s", flush=True)
         if inp == "whole" and shapes is None:
             shapes = {v: [int(round(np.mean([e[v][1][0].shape[a + 1] * s for e in feats]))) for a, s in
@@ -473,7 +511,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "n_unlabeled": args.n_unlabeled, "size": args.size, "plan_args": args.plan_args,
                "folds": args.folds, "bootstrap": args.bootstrap, "fraction": args.fraction,
                "subsets": args.subsets, "low_label_exams": low_n, "feature_t": DEFAULT_T,
-               "head_steps": args.head_steps, "levels": args.levels, "pooling": args.pooling, "head_batch": args.head_batch, "shapes": shapes,
+               "head_steps": args.head_steps, "head_epochs": args.head_epochs, "levels": args.levels, "pooling": args.pooling, "head_batch": args.head_batch, "shapes": shapes,
                "pretraining": {"steps": args.pretrain_steps, "patch": args.pretrain_patch or "planned",
                                "batch": args.pretrain_batch, "per_view": pre_stats, "summary": pre_summary},
                "diagnoses": names, "rows": rows, "paired_difference_low_labels": diff,

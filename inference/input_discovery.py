@@ -246,15 +246,36 @@ def _check_view(case: InputCase, view: str, channels: Dict[int, List[Path]], spe
     return files
 
 
+def missing_view_problems(case: InputCase, spec: DatasetSpec, views: Optional[Sequence[str]] = None,
+                          segments: bool = True) -> List[str]:
+    """The problems a case's absent views cause for a model that reads ``views`` (default: every view of the
+    dataset) and, with ``segments``, writes the segmentation view's label map."""
+    views = list(spec.views) if views is None else [v for v in spec.views if v in views]
+    missing = [v for v in views if v not in case.views]
+    out = [f"view {v} missing" for v in missing
+           if not any(p.startswith(f"view {v}") for p in case.problems if p != f"view {v} missing")]
+    if segments and spec.segmentation_view and spec.segmentation_view in missing and spec.has_segmentation:
+        out.append(f"no segmentation for this case: the segmentation view '{spec.segmentation_view}' is not usable")
+    return out
+
+
+def restrict_to_models(case: InputCase, spec: DatasetSpec, views: Sequence[str], segments: bool) -> InputCase:
+    """Keep only the missing-view problems that matter to the selected models: a segmentation-only model given
+    just its view must not report the other views as missing (their absence changes nothing)."""
+    general = missing_view_problems(case, spec)
+    kept = [p for p in case.problems if p not in general]
+    case.problems = kept + [p for p in missing_view_problems(case, spec, views, segments) if p not in kept]
+    unused = [v for v in spec.views if v not in views and v not in case.views]
+    if unused:
+        note = f"view(s) {', '.join(unused)} not given; the selected model does not read them"
+        if note not in case.notes:
+            case.notes.append(note)
+    return case
+
+
 def _finish_case(case: InputCase, spec: DatasetSpec) -> InputCase:
     """Add the missing-view problems and log a case that cannot be predicted."""
-    missing = [v for v in spec.views if v not in case.views]
-    for v in missing:
-        if not any(p.startswith(f"view {v}") for p in case.problems):  # not already explained
-            case.problems.append(f"view {v} missing")
-    if spec.segmentation_view and spec.segmentation_view in missing and spec.has_segmentation:
-        case.problems.append(f"no segmentation for this case: the segmentation view "
-                             f"'{spec.segmentation_view}' is not usable")
+    case.problems += [p for p in missing_view_problems(case, spec) if p not in case.problems]
     if not case.usable:
         case.problems.append("no usable view: case skipped")
         logger.warning("case %s skipped: %s", case.case_id, " | ".join(case.problems))

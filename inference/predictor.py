@@ -43,7 +43,7 @@ from tqdm import tqdm
 from inference.diagnoses_table import (CaseDiagnoses, make_case_diagnoses, write_diagnoses_csv,
                                        write_diagnoses_json)
 from inference.explain import ensemble_attention, ensemble_grad_cam, saliency_images
-from inference.input_discovery import InputCase, discover_inputs, input_case_from_images
+from inference.input_discovery import InputCase, discover_inputs, input_case_from_images, restrict_to_models
 from inference.model_selection import ModelSelection, ModelSpec, resolve_models
 from inference.outputs import clear_case_outputs, first_file, overview_file_name, write_case_outputs
 from inference.overview import render_overview
@@ -322,7 +322,7 @@ class Predictor:
     def predict_images(self, images: Mapping[str, Union[sitk.Image, Sequence[sitk.Image]]],
                        case_id: str = "case") -> CasePrediction:
         """Python API: ``{view: image or [channel images]}`` in memory -> :class:`CasePrediction`."""
-        case = input_case_from_images(case_id, dict(images), self.spec)
+        case = self.for_models(input_case_from_images(case_id, dict(images), self.spec))
         pred = self.predict_case(case)
         pred.problems = list(case.problems) + pred.problems
         pred.notes = list(case.notes) + pred.notes
@@ -358,8 +358,17 @@ class Predictor:
 
     def predict_folder(self, input_path: PathLike, output_dir: PathLike) -> PredictionRun:
         """Discover the cases under ``input_path`` and predict them into ``output_dir``."""
-        cases = discover_inputs(input_path, self.spec)
+        cases = [self.for_models(c) for c in discover_inputs(input_path, self.spec)]
         return self.predict_cases(cases, output_dir, source=str(input_path))
+
+    @property
+    def model_views(self) -> List[str]:
+        """The views at least one selected model reads."""
+        return [v for v in self.spec.views if any(v in rm.views for rm in self.roles.values())]
+
+    def for_models(self, case: InputCase) -> InputCase:
+        """Discovery reports every dataset view a case lacks; keep what matters to the selected models."""
+        return restrict_to_models(case, self.spec, self.model_views, segments="seg" in self.roles)
 
     def predict_cases(self, cases: Sequence[InputCase], output_dir: PathLike, source: str = "") -> PredictionRun:
         out = Path(output_dir)

@@ -206,3 +206,30 @@ def test_real_multi_echo_exam_as_one_or_eight_channels(tmp_path, channels):
     vols = case.views["sagittal"]
     assert len(vols) == channels and [v.echo_index for v in vols] == list(range(channels))
     assert case.problems == ["view coronal missing: no coronal series found (found: sagittal)"]
+
+
+def test_missing_views_are_reported_only_for_views_the_models_read(dataset, tmp_path):
+    """A segmentation-only model given just its view: nothing is missing for it (the other views become a note);
+    a model that reads every view still hears about each absent one; a diagnosis-only model is not told that the
+    case gets no segmentation."""
+    from inference.input_discovery import restrict_to_models
+    seg_view = dataset.segmentation_view
+    assert seg_view and dataset.has_segmentation
+    others = [v for v in VIEWS if v != seg_view]
+
+    (case,) = discover_inputs(_copy_case(dataset, "test000", tmp_path / "only_seg", views=(seg_view,)), dataset)
+    assert {f"view {v} missing" for v in others} <= set(case.problems)       # discovery alone: every view
+    restrict_to_models(case, dataset, [seg_view], segments=True)
+    assert case.problems == [] and case.usable
+    assert any(all(v in n for v in others) and "does not read" in n for n in case.notes)
+
+    (full,) = discover_inputs(_copy_case(dataset, "test000", tmp_path / "only_seg2", views=(seg_view,)), dataset)
+    restrict_to_models(full, dataset, VIEWS, segments=True)
+    assert sorted(full.problems) == sorted(f"view {v} missing" for v in others)
+
+    (noseg,) = discover_inputs(_copy_case(dataset, "test000", tmp_path / "noseg", views=others), dataset)
+    assert any("no segmentation" in p for p in noseg.problems)
+    restrict_to_models(noseg, dataset, others, segments=False)
+    assert noseg.problems == []
+    restrict_to_models(noseg, dataset, VIEWS, segments=True)
+    assert f"view {seg_view} missing" in noseg.problems and any("no segmentation" in p for p in noseg.problems)
