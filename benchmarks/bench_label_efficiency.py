@@ -67,8 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for kind in ("raw", "preprocessed", "results"):
         os.environ[f"ORTHO_{kind}"] = str(work / kind)
     from orthonet.synthetic.cli import cli as make_synthetic
-    from planners.cli import plan_and_preprocess_cli
-    from training.cli import pretrain_cli, train_cli
+    from orthonet.planners.cli import plan_and_preprocess_cli
+    from orthonet.training.cli import pretrain_cli, train_cli
 
     d = "101"
     timings: Dict[str, float] = {}
@@ -82,7 +82,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               + (["--base-features", str(args.base_features)] if args.base_features else []))
     timings["data"] = time.time() - start
     t = time.time()
-    from training.trainers import DEFAULT_TRAINER_FOR_TASK
+    from orthonet.training.trainers import DEFAULT_TRAINER_FOR_TASK
     trainers = args.trainers or [DEFAULT_TRAINER_FOR_TASK[args.task]]
     # segmentation alone needs only the segmentation view's denoiser
     plans = json.loads((work / "preprocessed" / "Dataset101_Knee" / "orthoPlans.json").read_text(encoding="utf-8"))

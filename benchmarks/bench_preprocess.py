@@ -221,7 +221,7 @@ def ensure_nnunet_venv(venv: Path) -> Path:
 
 def _ortho_cmd(np_: int) -> List[str]:
     exe = Path(sys.executable).parent / "ortho_plan_and_preprocess"
-    base = [str(exe)] if exe.is_file() else [sys.executable, "-m", "planners.cli"]
+    base = [str(exe)] if exe.is_file() else [sys.executable, "-m", "orthonet.planners.cli"]
     return base + ["-d", str(DATASET_ID), "-np", str(np_), "-c", "3d_fullres", "--skip-verify", "--no-progress"]
 
 

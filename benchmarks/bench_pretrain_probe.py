@@ -4,8 +4,8 @@
    goes through the real ``ortho_plan_and_preprocess``.
 2. For the CPU budget the benchmark copies the plans to ``probePlans`` with a narrower network and a smaller patch
    (``--features``, ``--patch``: the edit a user can make to plans.json) and pretrains one denoiser per view
-   (``--views``, default sagittal) with :class:`training.trainers.pretrainer.DiffusionPretrainer` (epsilon, cosine
-   T=1000, AdamW, EMA) for ``--steps``; patches/s are recorded.
+   (``--views``, default sagittal) with :class:`orthonet.training.trainers.pretrainer.DiffusionPretrainer`
+   (epsilon, cosine T=1000, AdamW, EMA) for ``--steps``; patches/s are recorded.
 3. Frozen features of every *training* case (the whole preprocessed volume, noised at ``--t`` with a fixed seed,
    :func:`orthonet.diffusion.extract_features`, encoder levels ``--levels``, several global poolings) from
    (a) the pretrained EMA denoiser and (b) the same network at its random initialisation (exactly the weights
@@ -82,7 +82,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------------------
 def prepare_data(args: argparse.Namespace) -> Path:
     """Generate + plan + preprocess once (reused when present); write the benchmark plans copy."""
-    from planners.plans import load_plans, save_plans
+    from orthonet.planners.plans import load_plans, save_plans
 
     pre = synthetic_dataset(DATASET_ID, DATASET_NAME, "knee", args.n_train, args.n_unlabeled, args.seed, args.size,
                             CONFIG)
@@ -103,9 +103,9 @@ def prepare_data(args: argparse.Namespace) -> Path:
 
 
 def pretrain(args: argparse.Namespace, pre: Path) -> Dict[str, Dict]:
-    from planners.plans import load_plans
-    from training.pretrained import pretrain_view_dir
-    from training.trainers.pretrainer import DiffusionPretrainer, PretrainSettings, loss_drop
+    from orthonet.planners.plans import load_plans
+    from orthonet.training.pretrained import pretrain_view_dir
+    from orthonet.training.trainers.pretrainer import DiffusionPretrainer, PretrainSettings, loss_drop
 
     plans = load_plans(pre, PLANS)
     out = {}
@@ -147,9 +147,9 @@ def pooled(feats, pooling: str) -> np.ndarray:
 def load_models(args: argparse.Namespace) -> Dict[str, Dict[str, object]]:
     """{'pretrained': {view: EMA denoiser}, 'random': {view: the same network at pretraining's initialisation}}."""
     from orthonet.networks import DiffusionUNet
-    from training.pretrained import pretrain_view_dir
-    from training.runtime import seed_everything
-    from training.trainers.pretrainer import PretrainSettings, load_denoiser_checkpoint
+    from orthonet.training.pretrained import pretrain_view_dir
+    from orthonet.training.runtime import seed_everything
+    from orthonet.training.trainers.pretrainer import PretrainSettings, load_denoiser_checkpoint
 
     out: Dict[str, Dict[str, object]] = {"pretrained": {}, "random": {}}
     for view in args.views:
@@ -168,8 +168,8 @@ def feature_tables(args: argparse.Namespace, pre: Path, models) -> Tuple[Dict[st
     import torch.nn.functional as F
     from orthonet.dataset import load_dataset
     from orthonet.diffusion import extract_features
-    from planners.plans import data_folder, load_plans
-    from training.data import PreprocessedCaseStore
+    from orthonet.planners.plans import data_folder, load_plans
+    from orthonet.training.data import PreprocessedCaseStore
 
     plans = load_plans(pre, PLANS)
     spec_raw = load_dataset(Path(os.environ["ORTHO_raw"]) / DATASET_NAME)
@@ -214,8 +214,8 @@ def dense_probe(args: argparse.Namespace, pre: Path, models, n_cases: int = 30, 
     import torch
     import torch.nn.functional as F
     from orthonet.diffusion import extract_features
-    from planners.plans import data_folder, load_plans
-    from training.data import PreprocessedCaseStore
+    from orthonet.planners.plans import data_folder, load_plans
+    from orthonet.training.data import PreprocessedCaseStore
 
     plans = load_plans(pre, PLANS)
     view = plans.get("segmentation_view") or args.views[0]

@@ -122,8 +122,8 @@ def _timed_steps(n: int, step) -> List[float]:
 
 
 def _drive_ortho_trainer(job: Dict) -> Dict:
-    from training.options import TrainOptions
-    from training.trainers import get_trainer_class
+    from orthonet.training.options import TrainOptions
+    from orthonet.training.trainers import get_trainer_class
 
     cls = get_trainer_class(job["trainer"])
     opts = TrainOptions(dataset_name=job["dataset"], configuration=CONFIG, fold=0, task=cls.task, pretrained="none",
@@ -150,7 +150,7 @@ def _drive_ortho_pretrain(job: Dict) -> Dict:
     import torch
 
     from orthonet.fileio import load_json
-    from training.trainers.pretrainer import DiffusionPretrainer, PretrainSettings, segment_seed
+    from orthonet.training.trainers.pretrainer import DiffusionPretrainer, PretrainSettings, segment_seed
 
     pre = Path(job["preprocessed"])
     plans = load_json(pre / "orthoPlans.json", "plans file")

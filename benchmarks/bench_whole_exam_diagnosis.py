@@ -10,7 +10,7 @@ pretraining pay off with 10 % of the labels?
 2. Pretraining: one diffusion denoiser per view (:class:`DiffusionPretrainer`, the ``ortho_pretrain`` code) on
    every exam's image (labelled and unlabeled; no label is read). The network is the planned one; the patch may be
    smaller than planned (``--pretrain-patch``, the network is fully convolutional, so ``encoder.pt`` still loads).
-3. Models: the real orthonet diagnosis model (:func:`training.model_factory.build_model`, ``--task diag``) with
+3. Models: the real orthonet diagnosis model (:func:`orthonet.training.model_factory.build_model`, ``--task diag``) with
    ``diagnosis_input='whole'`` and diffusion features at ``t`` (``feature_t``), its encoders either loaded from the
    pretraining (``encoder.pt``, exactly as ``ortho_train`` loads them) or left at their random initialisation
    ("no pretraining"). Row "centre crop" is the old ``--diagnosis-input crop`` model (global pooling of the centre
@@ -110,8 +110,8 @@ def prepare_data(args: argparse.Namespace) -> Path:
 def pretrain(args: argparse.Namespace, pre: Path, plans: Dict) -> Dict[str, Dict]:
     """One denoiser per view (``ortho_pretrain --patch-size``), written where ``--pretrained auto`` finds it;
     patches/s per view."""
-    from training.pretrained import pretrain_view_dir
-    from training.trainers.pretrainer import DiffusionPretrainer, PretrainSettings, loss_drop
+    from orthonet.training.pretrained import pretrain_view_dir
+    from orthonet.training.trainers.pretrainer import DiffusionPretrainer, PretrainSettings, loss_drop
 
     record = Path(args.work) / "pretraining.json"          # kept so a --skip-pretrain rerun reports them too
     out = json.loads(record.read_text()) if record.is_file() else {}
@@ -148,8 +148,8 @@ def build_diag_model(plans: Dict, pre: Path, diagnosis_input: str, pretrained: b
     import torch
     from orthonet.diffusion import DEFAULT_T
     from orthonet.networks.multitask import load_pretrained_encoder
-    from training.model_factory import ModelConfig, build_model
-    from training.pretrained import find_pretrained, load_encoder_file
+    from orthonet.training.model_factory import ModelConfig, build_model
+    from orthonet.training.pretrained import find_pretrained, load_encoder_file
 
     views = list(plans["views"])
     meta = json.loads((pre / "dataset.json").read_text()) if (pre / "dataset.json").is_file() else {}
@@ -187,11 +187,11 @@ def cache_features(model, plans: Dict, pre: Path, cases: Sequence[str], diagnosi
     deterministic centre crop at the planned patch size (the old model's validation input), noised at the same t.
     """
     import torch
-    from inference.predict_core import center_crop
+    from orthonet.inference.predict_core import center_crop
     from orthonet.diffusion import DEFAULT_T
     from orthonet.networks.whole_exam import diffusion_noise
-    from planners.plans import data_folder
-    from training.data import PreprocessedCaseStore
+    from orthonet.planners.plans import data_folder
+    from orthonet.training.data import PreprocessedCaseStore
 
     views = list(plans["views"])
     stores = {v: PreprocessedCaseStore(data_folder(pre, plans, v, CONFIG), [v]) for v in views}
@@ -243,7 +243,7 @@ def train_head(model, feats: List[Dict], labels: np.ndarray, train_idx: np.ndarr
                seed: int):
     """A fresh diagnosis head trained on frozen features with the DiagTrainer loss; returns it in eval mode."""
     import torch
-    from training.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
+    from orthonet.training.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
 
     torch.manual_seed(seed)
     head = copy.deepcopy(model.diagnosis)
@@ -461,7 +461,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     from benchmarks.report import machine_line, write_section
     from orthonet.diffusion import DEFAULT_T
-    from planners.plans import load_plans
+    from orthonet.planners.plans import load_plans
 
     torch.set_num_threads(args.threads)
     t_start = time.time()

@@ -19,7 +19,7 @@ def synthetic_dataset(dataset_id: int, dataset_name: str, joint: str, n_train: i
     ``ortho_plan_and_preprocess`` on it, each only when its output is missing (benchmarks rerun on the same data);
     returns the preprocessed dataset folder."""
     from orthonet.synthetic.writer import make_dataset
-    from planners.cli import main as plan_main
+    from orthonet.planners.cli import main as plan_main
 
     raw = Path(os.environ["ORTHO_raw"]) / dataset_name
     pre = Path(os.environ["ORTHO_preprocessed"]) / dataset_name

@@ -1,6 +1,6 @@
 """Python API: predict from images in memory and get the same outputs ``ortho_predict`` writes, as objects.
 
-    from inference import predict_images, Predictor
+    from orthonet.inference import predict_images, Predictor
 
     result = predict_images({"sagittal": sag_img, "coronal": cor_img, "axial": ax_img}, dataset=101)
     result.segmentation            # SimpleITK image on the sagittal input's exact grid
@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from inference.predictor import CasePrediction, Predictor
+from orthonet.inference.predictor import CasePrediction, Predictor
 from orthonet.errors import OrthoError
 from orthonet.imageio import Geometry, array_to_image
 
@@ -71,7 +71,7 @@ def predict_images(images: Mapping[str, ImageLike], dataset: Union[int, str, Non
                    device: Union[str, torch.device, None] = None, tta: bool = True, explain: bool = False,
                    return_probabilities: bool = False, step_size: float = 0.5) -> CasePrediction:
     """Predict one case given as ``{view: image}`` (see the module docstring) and return a
-    :class:`~inference.predictor.CasePrediction`. Pass a ready ``predictor`` to avoid reloading the models."""
+    :class:`~orthonet.inference.predictor.CasePrediction`. Pass a ready ``predictor`` to avoid reloading the models."""
     if predictor is None:
         predictor = Predictor.from_dataset(dataset, configuration, trainer, folds, plans_name, checkpoint,
                                            model_folder, device, tta=tta, explain=explain,

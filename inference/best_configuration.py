@@ -7,11 +7,11 @@ studies, not deployment candidates, and are skipped) that has a validation of ev
    structure over all out-of-fold cases, then the mean over structures); the folds' ``validation/diagnoses.csv``
    out-of-fold probabilities are pooled and scored against the dataset's ``diagnoses.csv`` (AUC per diagnosis,
    macro mean). Pooling (instead of averaging per-fold numbers) weighs every case once, as nnU-Net does.
-2. **Best model per task** (:func:`inference.thresholds.rank_configurations`): segmentation by mean Dice,
+2. **Best model per task** (:func:`orthonet.inference.thresholds.rank_configurations`): segmentation by mean Dice,
    diagnosis by macro AUC. One multitask model may win both; otherwise the segmentation comes from one model and
    the diagnoses from another.
 3. **Thresholds**: per diagnosis, Youden's J on the pooled out-of-fold probabilities of the diagnosis model
-   (:func:`inference.thresholds.choose_thresholds`; 0.5 where a diagnosis has one class only).
+   (:func:`orthonet.inference.thresholds.choose_thresholds`; 0.5 where a diagnosis has one class only).
 4. Writes ``$ORTHO_results/DatasetXXX/inference_instructions.json`` (model folders, folds, roles, thresholds,
    cross-validation metrics of every candidate), which ``ortho_predict`` reads when no model is named, and prints
    the predict command.
@@ -26,9 +26,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from inference.diagnoses_table import read_diagnoses_csv
-from inference.model_selection import INSTRUCTIONS_FILE, available_folds
-from inference.thresholds import DIAG_KEY, SEG_KEY, choose_thresholds, rank_configurations
+from orthonet.inference.diagnoses_table import read_diagnoses_csv
+from orthonet.inference.model_selection import INSTRUCTIONS_FILE, available_folds
+from orthonet.inference.thresholds import DIAG_KEY, SEG_KEY, choose_thresholds, rank_configurations
 from orthonet import metrics
 from orthonet.cli_utils import run_cli
 from orthonet.dataset import DatasetSpec, parse_dataset_json, parse_diagnoses
@@ -254,7 +254,7 @@ def find_best_configuration(dataset: str, folds: Sequence[str] = DEFAULT_FOLDS,
 
 
 def _dataset_spec(name: str) -> DatasetSpec:
-    from inference.model_selection import find_dataset_spec
+    from orthonet.inference.model_selection import find_dataset_spec
     return find_dataset_spec(name)
 
 

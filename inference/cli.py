@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from inference.best_configuration import find_best_configuration_cli, main as find_best_configuration_main
-from inference.evaluate import evaluate_cli, evaluate_main
+from orthonet.inference.best_configuration import find_best_configuration_cli, main as find_best_configuration_main
+from orthonet.inference.evaluate import evaluate_cli, evaluate_main
 from orthonet.cli_utils import run_cli
 from orthonet.errors import OrthoError
 
@@ -57,7 +57,7 @@ def build_predict_parser() -> argparse.ArgumentParser:
 
 
 def predict_main(argv: Optional[Sequence[str]] = None) -> int:
-    from inference.predictor import Predictor
+    from orthonet.inference.predictor import Predictor
     args = build_predict_parser().parse_args(argv)
     if not 0 < args.step_size <= 1:
         raise OrthoError(f"--step-size must be in (0, 1], got {args.step_size}")

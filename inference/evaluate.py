@@ -4,7 +4,7 @@ Segmentation: Dice, IoU and HD95 (mm, reference spacing) per structure and case,
 ``{CASE}_{segmentation_view}{ending}`` (or nnU-Net ``{CASE}{ending}``) in REF and PRED; prediction and reference must
 be on the same grid (checked: a mismatch is an error naming the case). Diagnosis: AUC, average precision,
 sensitivity and specificity per diagnosis (at the prediction's yes/no columns, else 0.5) and their macro means,
-from the prediction's ``diagnoses.csv`` (:mod:`inference.diagnoses_table`) against a reference CSV in the
+from the prediction's ``diagnoses.csv`` (:mod:`orthonet.inference.diagnoses_table`) against a reference CSV in the
 dataset's diagnoses.csv format. Metric definitions live in :mod:`orthonet.metrics` (shared with training).
 
 Writes ``summary.json`` (atomic; NaN/inf as null) plus ``roc_curves.png`` and ``dice_boxplot.png`` next to it.
@@ -21,8 +21,8 @@ import numpy as np
 import SimpleITK as sitk
 from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice, get_bbox_from_mask, pad_bbox
 
-from inference.diagnoses_table import CaseDiagnoses, read_diagnoses_csv
-from inference.input_discovery import split_ending
+from orthonet.inference.diagnoses_table import CaseDiagnoses, read_diagnoses_csv
+from orthonet.inference.input_discovery import split_ending
 from orthonet import metrics
 from orthonet.cli_utils import run_cli
 from orthonet.dataset import DatasetSpec, load_dataset, parse_diagnoses

@@ -4,7 +4,7 @@ Method: the Grad-CAM family (Selvaraju et al. 2017) applied per view to the enco
 pools, in its **HiResCAM** form (Draelos & Carin 2020) by default:
 
 1. The diagnosis model sees what it sees in prediction (no mirroring): each view's whole volume for whole-exam
-   models, the centre crop (:func:`inference.predict_core.center_crop`) for the old centre-crop models.
+   models, the centre crop (:func:`orthonet.inference.predict_core.center_crop`) for the old centre-crop models.
 2. For diagnosis d and a pooled encoder level A (C, z, y, x), with G = dlogit_d/dA (the fused logit):
    ``hirescam`` = ReLU(sum_c G_c * A_c) (element-wise); ``gradcam`` = ReLU(sum_c mean(G_c) * A_c) (Grad-CAM's
    channel weights). The map is smoothed with a 3-voxel box filter at feature resolution (max pooling routes each
@@ -15,7 +15,8 @@ pools, in its **HiResCAM** form (Draelos & Carin 2020) by default:
 4. Maps are scaled to a maximum of 1 per diagnosis over all views (a view that barely contributed stays dark); an
    ensemble averages its members' maps.
 5. The crop is put back into the preprocessed volume (0 outside) and mapped to the view's original grid with the
-   same inverse path as segmentations (:mod:`preprocessing.export`: resample back linearly, un-crop, un-transpose).
+   same inverse path as segmentations (:mod:`orthonet.preprocessing.export`: resample back linearly, un-crop,
+   un-transpose).
 
 Why HiResCAM on the finest pooled level: the diagnosis head pools with mean, max *and attention* pooling, so the
 gradient differs strongly between locations; Grad-CAM's channel-averaged gradient throws that away. On the test
@@ -38,14 +39,14 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from inference.predict_core import ArrayLike, LoadedModel, _as_tensor, center_crop
+from orthonet.inference.predict_core import ArrayLike, LoadedModel, _as_tensor, center_crop
 from orthonet.errors import OrthoError
 from orthonet.imageio import Geometry, array_to_image
 from orthonet.networks.whole_exam import padded_shape, total_stride
-from preprocessing.crop import uncrop
-from preprocessing.resample import resample_probabilities
-from training.data.sampling import center_bbox
-from training.runtime import autocast
+from orthonet.preprocessing.crop import uncrop
+from orthonet.preprocessing.resample import resample_probabilities
+from orthonet.training.data.sampling import center_bbox
+from orthonet.training.runtime import autocast
 
 
 def _parts(model: torch.nn.Module):
@@ -212,7 +213,7 @@ def uncrop_center(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 def restore_map(maps: np.ndarray, properties: Dict) -> np.ndarray:
     """Continuous maps (D, *preprocessed shape) -> (D, z, y, x) on the view's original numpy grid (0 outside the
-    crop box), through the same inverse path as probabilities (:func:`preprocessing.export`)."""
+    crop box), through the same inverse path as probabilities (:func:`orthonet.preprocessing.export`)."""
     crop_shape = [int(s) for s in properties["shape_after_crop"]]
     full_shape = [int(s) for s in properties["shape_before_crop"]]
     used = properties.get("resampling_used", {})

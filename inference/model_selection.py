@@ -29,7 +29,7 @@ INSTRUCTIONS_FILE = "inference_instructions.json"
 DEFAULT_CONFIGURATION = "3d_fullres"
 DEFAULT_PLANS = "orthoPlans"
 DEFAULT_CHECKPOINT = "checkpoint_final.pt"
-#: The default trainer of each task (kept in sync with training.trainers.DEFAULT_TRAINER_FOR_TASK, not imported
+#: The default trainer of each task (kept in sync with orthonet.training.trainers.DEFAULT_TRAINER_FOR_TASK, not imported
 #: so that choosing a model does not import the training stack).
 DEFAULT_TRAINER_FOR_TASK = {"seg": "SegTrainer", "diag": "DiagTrainer", "multitask": "MultitaskTrainer"}
 ROLES = ("seg", "diag")
@@ -94,7 +94,7 @@ def _fold_sort_key(fold: str) -> Tuple[int, int]:
 
 def available_folds(folder: Path, checkpoint: str = DEFAULT_CHECKPOINT) -> List[str]:
     """Folds of a model folder that hold ``checkpoint`` (``checkpoint_final.pt`` falls back to ``_best``, as
-    :func:`inference.predict_core.load_trained_model` does), sorted 0, 1, ..., all."""
+    :func:`orthonet.inference.predict_core.load_trained_model` does), sorted 0, 1, ..., all."""
     folds = []
     for sub in folder.iterdir() if folder.is_dir() else []:
         m = _FOLD_RE.match(sub.name)

@@ -9,7 +9,7 @@ Names (all in OUT):
   writes ``.npz`` + ``.pkl``;
 * with ``--explain``: ``{CASE}_{VIEW}_saliency_{DIAGNOSIS}.nii.gz`` (float32, 0..1) on each view's original grid,
   and for whole-exam models ``{CASE}_{VIEW}_attention_{DIAGNOSIS}.nii.gz`` (the attention-MIL map, same grid);
-* ``{CASE}_overview.png`` (see :mod:`inference.overview`).
+* ``{CASE}_overview.png`` (see :mod:`orthonet.inference.overview`).
 
 A rerun first removes every name a case *may* produce, so a case that now fails leaves no stale result behind.
 """
@@ -79,7 +79,7 @@ def write_probabilities(out_dir: Path, stem: str, probabilities: np.ndarray, geo
 
 
 def write_case_outputs(out_dir: Path, prediction, spec: DatasetSpec) -> Dict[str, List[str]]:
-    """Write a :class:`inference.predictor.CasePrediction`'s images; returns ``{kind: [file names]}``."""
+    """Write a :class:`orthonet.inference.predictor.CasePrediction`'s images; returns ``{kind: [file names]}``."""
     files: Dict[str, List[str]] = {}
     if prediction.segmentation is not None:
         name = segmentation_file_name(prediction.case_id, spec)

@@ -28,7 +28,7 @@ def _slice_through_peak(volume: np.ndarray, axis: int) -> Optional[int]:
 
 def render_overview(prediction, images: Mapping[str, Tuple[np.ndarray, Geometry]], out_png: Path,
                     spec: DatasetSpec, thresholds: Mapping[str, float]) -> Optional[Path]:
-    """Draw a :class:`inference.predictor.CasePrediction` over its views' images (``{view: (z,y,x) array,
+    """Draw a :class:`orthonet.inference.predictor.CasePrediction` over its views' images (``{view: (z,y,x) array,
     geometry}``); returns the PNG path (None when there is no view to draw)."""
     views = [v for v in spec.views if v in images]
     if not views:

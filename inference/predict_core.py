@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from inference.sliding_window import sliding_window_predict
-from inference.tta import make_tta_predictor
+from orthonet.inference.sliding_window import sliding_window_predict
+from orthonet.inference.tta import make_tta_predictor
 from orthonet.errors import OrthoError
 from orthonet.fileio import load_json
-from training.checkpoint import load_checkpoint
-from training.data.sampling import center_bbox
-from training.model_factory import ModelConfig, build_model, has_diagnosis, has_segmentation
-from training.runtime import autocast
+from orthonet.training.checkpoint import load_checkpoint
+from orthonet.training.data.sampling import center_bbox
+from orthonet.training.model_factory import ModelConfig, build_model, has_diagnosis, has_segmentation
+from orthonet.training.runtime import autocast
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -95,11 +95,11 @@ def _fused_segment_fn(loaded: LoadedModel, context: Mapping[str, ArrayLike],
                       properties_by_view: Mapping[str, Dict]):
     """Tile predictor for ``--fuse-views`` models: each tile gets the other views' crops centred on the same
     physical point, every crop's affine and image extent (the crop's voxels inside the view's volume), exactly as
-    the aligned training loaders build them (:class:`training.data.sources.AlignedContext`); a view the case lacks
+    the aligned training loaders build them (:class:`orthonet.training.data.sources.AlignedContext`); a view the case lacks
     is not given, which the fusion treats as training treats an empty extent (zeros, coverage 0)."""
     from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
     from orthonet.networks.cross_view import crop_extent, patch_affine, preprocessed_index_to_physical
-    from training.data.sampling import aligned_bbox, patch_center_physical
+    from orthonet.training.data.sampling import aligned_bbox, patch_center_physical
     cfg = loaded.config
     seg_view = cfg.segmentation_view
     arrays = {v: np.asarray(d) for v, d in context.items() if v in cfg.views and v != seg_view}

@@ -6,16 +6,16 @@ The pieces live in their own modules and can be swapped one at a time:
 ========================  =========================================  ===========================================
 step                      function                                   module
 ========================  =========================================  ===========================================
-which models/thresholds   :func:`resolve_models`                     :mod:`inference.model_selection`
-find the cases            :func:`discover_inputs`                    :mod:`inference.input_discovery`
-read + preprocess         :func:`prepare_case`                       :mod:`inference.prepare`
-sliding window, TTA,      :func:`predict_preprocessed_case`          :mod:`inference.predict_core` (the same code
+which models/thresholds   :func:`resolve_models`                     :mod:`orthonet.inference.model_selection`
+find the cases            :func:`discover_inputs`                    :mod:`orthonet.inference.input_discovery`
+read + preprocess         :func:`prepare_case`                       :mod:`orthonet.inference.prepare`
+sliding window, TTA,      :func:`predict_preprocessed_case`          :mod:`orthonet.inference.predict_core` (the same code
 diagnosis crops                                                      the trainers' final validation runs)
-saliency (--explain)      :func:`ensemble_grad_cam`                  :mod:`inference.explain`
-back to the input grid    :func:`restore_original_geometry`          :mod:`preprocessing.export`
-files                     :func:`write_case_outputs`                 :mod:`inference.outputs`
-picture                   :func:`render_overview`                    :mod:`inference.overview`
-tables, report            ``write_diagnoses_csv/json``, ``write_report``  :mod:`inference.diagnoses_table`, ``report``
+saliency (--explain)      :func:`ensemble_grad_cam`                  :mod:`orthonet.inference.explain`
+back to the input grid    :func:`restore_original_geometry`          :mod:`orthonet.preprocessing.export`
+files                     :func:`write_case_outputs`                 :mod:`orthonet.inference.outputs`
+picture                   :func:`render_overview`                    :mod:`orthonet.inference.overview`
+tables, report            ``write_diagnoses_csv/json``, ``write_report``  :mod:`orthonet.inference.diagnoses_table`, ``report``
 ========================  =========================================  ===========================================
 
 Memory is bounded per case: the sliding window streams tiles into one accumulator per case, and at most
@@ -40,24 +40,24 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from inference.diagnoses_table import (CaseDiagnoses, make_case_diagnoses, write_diagnoses_csv,
-                                       write_diagnoses_json)
-from inference.explain import ensemble_attention, ensemble_grad_cam, saliency_images
-from inference.input_discovery import InputCase, discover_inputs, input_case_from_images, restrict_to_models
-from inference.model_selection import ModelSelection, ModelSpec, resolve_models
-from inference.outputs import clear_case_outputs, first_file, overview_file_name, write_case_outputs
-from inference.overview import render_overview
-from inference.predict_core import LoadedModel, load_trained_model, predict_preprocessed_case
-from inference.prepare import PreparedCase, prepare_case
-from inference.report import case_report, write_report
+from orthonet.inference.diagnoses_table import (CaseDiagnoses, make_case_diagnoses, write_diagnoses_csv,
+                                                write_diagnoses_json)
+from orthonet.inference.explain import ensemble_attention, ensemble_grad_cam, saliency_images
+from orthonet.inference.input_discovery import InputCase, discover_inputs, input_case_from_images, restrict_to_models
+from orthonet.inference.model_selection import ModelSelection, ModelSpec, resolve_models
+from orthonet.inference.outputs import clear_case_outputs, first_file, overview_file_name, write_case_outputs
+from orthonet.inference.overview import render_overview
+from orthonet.inference.predict_core import LoadedModel, load_trained_model, predict_preprocessed_case
+from orthonet.inference.prepare import PreparedCase, prepare_case
+from orthonet.inference.report import case_report, write_report
 from orthonet.dataset import DatasetSpec
 from orthonet.errors import OrthoError
 from orthonet.fileio import save_json
 from orthonet.imageio import array_to_image
 from orthonet.logging_utils import get_logger
-from preprocessing.export import original_geometry, restore_original_geometry
-from training.model_factory import has_diagnosis, has_segmentation
-from training.runtime import resolve_device
+from orthonet.preprocessing.export import original_geometry, restore_original_geometry
+from orthonet.training.model_factory import has_diagnosis, has_segmentation
+from orthonet.training.runtime import resolve_device
 
 PathLike = Union[str, Path]
 LOG_FILE = "predict_log.txt"
@@ -70,7 +70,7 @@ class PredictionSettings:
     tta: bool = True                    # mirroring test-time augmentation
     step_size: float = 0.5              # sliding-window step as a fraction of the patch
     save_probabilities: bool = False    # keep the softmax on the original grid (written as .npz)
-    explain: bool = False               # saliency maps (inference.explain)
+    explain: bool = False               # saliency maps (orthonet.inference.explain)
     explain_method: str = "hirescam"    # hirescam | gradcam
     explain_levels: str = "finest"      # finest | all (encoder levels the diagnosis head pools)
     num_processes: int = 1              # background threads reading/preprocessing the next cases (0: inline)

@@ -12,10 +12,10 @@ from typing import Dict, List, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from inference.input_discovery import InputCase
+from orthonet.inference.input_discovery import InputCase
 from orthonet.errors import OrthoError
 from orthonet.imageio import Geometry
-from preprocessing.preprocessor import preprocess_case
+from orthonet.preprocessing.preprocessor import preprocess_case
 
 
 @dataclass

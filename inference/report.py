@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 from urllib.parse import quote
 
-from inference.diagnoses_table import CaseDiagnoses
-from inference.input_discovery import InputCase
+from orthonet.inference.diagnoses_table import CaseDiagnoses
+from orthonet.inference.input_discovery import InputCase
 from orthonet.fileio import save_text
 
 PathLike = Union[str, Path]

@@ -54,7 +54,7 @@ def choose_thresholds(oof_probs: Mapping[str, np.ndarray], labels: Mapping[str, 
 
 
 def cv_metrics_from_summary(summary: Mapping) -> Dict[str, float]:
-    """{'mean_dice': .., 'macro_auc': ..} from an evaluation summary (inference.evaluate / validation
+    """{'mean_dice': .., 'macro_auc': ..} from an evaluation summary (orthonet.inference.evaluate / validation
     summary.json layout); already-flat dicts pass through."""
     out: Dict[str, float] = {}
     for key in (SEG_KEY, DIAG_KEY):

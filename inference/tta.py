@@ -2,7 +2,7 @@
 
 Why: averaging a network's predictions over mirrored copies of the input (and over the folds of a
 cross-validation) is a cheap, reliable gain in nnU-Net. Both are plain functions over a ``predict_fn`` so they
-compose with :func:`inference.sliding_window.sliding_window_predict` (wrap the patch predictor with
+compose with :func:`orthonet.inference.sliding_window.sliding_window_predict` (wrap the patch predictor with
 :func:`make_tta_predictor`) and with any model.
 """
 from __future__ import annotations

@@ -65,12 +65,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for kind in ("raw", "preprocessed", "results"):
         os.environ[f"ORTHO_{kind}"] = str(out / kind)
     import torch
-    from inference.cli import evaluate_cli, predict_cli
+    from orthonet.inference.cli import evaluate_cli, predict_cli
     from orthonet.synthetic.cli import cli as make_synthetic_cli
     from orthonet.verify import cli as verify_cli
     from orthonet.show import cli as show_cli
-    from planners.cli import plan_and_preprocess_cli
-    from training.cli import pretrain_cli, train_cli
+    from orthonet.planners.cli import plan_and_preprocess_cli
+    from orthonet.training.cli import pretrain_cli, train_cli
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     if device == "auto":

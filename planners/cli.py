@@ -105,8 +105,8 @@ def _requested_settings_conflict(existing: Dict, planner_name: Optional[str], gp
 
 def plan_dataset(spec, fingerprint: Dict, preprocessed_dir: Path, args, log) -> Dict:
     """Load existing plans (when compatible) or make new ones, and save them."""
-    from planners.plans import check_plans, load_plans, plans_path, save_plans
-    from planners.registry import get_planner
+    from orthonet.planners.plans import check_plans, load_plans, plans_path, save_plans
+    from orthonet.planners.registry import get_planner
 
     planner_cls = get_planner(args.planner or "DefaultPlanner")
     plans_name = args.plans_name or planner_cls.default_plans_name
@@ -123,7 +123,7 @@ def plan_dataset(spec, fingerprint: Dict, preprocessed_dir: Path, args, log) -> 
     planner = planner_cls(spec, fingerprint, gpu_memory_target_gb=args.gpu_memory_target or 8.0,
                           plans_name=plans_name, logger=log, base_features=args.base_features)
     if args.plans_from:
-        from planners.transfer import transfer_plans
+        from orthonet.planners.transfer import transfer_plans
 
         source_dir = preprocessed_root() / resolve_dataset_name(args.plans_from)
         source_name = args.plans_from_name or planner_cls.default_plans_name
@@ -151,10 +151,10 @@ def process_dataset(dataset: str, args, num_processes: int, command: str = "") -
 
 
 def _process_dataset(raw_dir: Path, preprocessed_dir: Path, args, num_processes: int, command: str) -> int:
-    from planners.fingerprint import load_or_extract_fingerprint
-    from planners.plans import planned_configurations
-    from preprocessing.parallel import format_errors, make_pool
-    from preprocessing.preprocessor import preprocess_dataset
+    from orthonet.planners.fingerprint import load_or_extract_fingerprint
+    from orthonet.planners.plans import planned_configurations
+    from orthonet.preprocessing.parallel import format_errors, make_pool
+    from orthonet.preprocessing.preprocessor import preprocess_dataset
 
     name = raw_dir.name
     log = get_logger("plan_and_preprocess", preprocessed_dir / LOG_NAME)
@@ -198,7 +198,7 @@ def _process_dataset(raw_dir: Path, preprocessed_dir: Path, args, num_processes:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from preprocessing.parallel import default_num_processes
+    from orthonet.preprocessing.parallel import default_num_processes
 
     num_processes = args.num_processes if args.num_processes is not None else default_num_processes()
     if num_processes < 1:

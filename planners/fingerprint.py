@@ -22,9 +22,9 @@ from orthonet.dataset import DatasetSpec
 from orthonet.errors import OrthoError
 from orthonet.fileio import load_json, save_json_readable
 from orthonet.imageio import read_array, read_channels
-from planners.plans import fingerprint_path
-from preprocessing.crop import nonzero_bbox
-from preprocessing.parallel import format_errors, run_parallel
+from orthonet.planners.plans import fingerprint_path
+from orthonet.preprocessing.crop import nonzero_bbox
+from orthonet.preprocessing.parallel import format_errors, run_parallel
 
 #: Foreground intensities kept per view and channel over the whole dataset (enough for stable percentiles, small
 #: enough to never matter for memory; nnU-Net keeps 10^8).

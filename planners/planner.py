@@ -27,12 +27,12 @@ from torch import nn
 
 from orthonet.dataset import DatasetSpec
 from orthonet.errors import OrthoError
-from planners.memory import MemoryReference, estimated_gb, feature_map_count, max_batch_size
-from planners.network_spec import make_network_entry
-from planners.plans import DEFAULT_PLANS_NAME
-from planners.topology import Topology, next_smaller_patch, plan_topology
-from preprocessing.normalize import MASKABLE, scheme_for_channel
-from preprocessing.resample import compute_new_shape
+from orthonet.planners.memory import MemoryReference, estimated_gb, feature_map_count, max_batch_size
+from orthonet.planners.network_spec import make_network_entry
+from orthonet.planners.plans import DEFAULT_PLANS_NAME
+from orthonet.planners.topology import Topology, next_smaller_patch, plan_topology
+from orthonet.preprocessing.normalize import MASKABLE, scheme_for_channel
+from orthonet.preprocessing.resample import compute_new_shape
 
 _log = logging.getLogger("orthonet.planner")
 

@@ -9,9 +9,9 @@ from typing import Dict
 
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
-from planners.memory import MemoryReference
-from planners.planner import DefaultPlanner
-from planners.topology import Topology
+from orthonet.planners.memory import MemoryReference
+from orthonet.planners.planner import DefaultPlanner
+from orthonet.planners.topology import Topology
 
 
 class ResEncPlanner(DefaultPlanner):

@@ -26,9 +26,9 @@ from orthonet.dicom import VIEW_AXES, assign_view
 from orthonet.errors import OrthoError
 from orthonet.fileio import load_json
 from orthonet.paths import preprocessed_root
-from planners.planner import DefaultPlanner
-from planners.plans import fingerprint_path
-from planners.topology import round_up_to_multiple
+from orthonet.planners.planner import DefaultPlanner
+from orthonet.planners.plans import fingerprint_path
+from orthonet.planners.topology import round_up_to_multiple
 
 #: word beginnings that say which plane a series is (``oblCor``, ``T2SAG``, ``axPD``, ``transverse``)
 _NAME_PREFIXES = {"sagittal": ("sag",), "coronal": ("cor",), "axial": ("ax", "tra")}

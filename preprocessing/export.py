@@ -1,4 +1,4 @@
-"""Preprocessed space -> original image space: the exact inverse path of :mod:`preprocessing.preprocessor`.
+"""Preprocessed space -> original image space: the exact inverse path of :mod:`orthonet.preprocessing.preprocessor`.
 
 Resample back to the cropped shape (labels: linear on one-hot masks with the same separate thick-axis handling used
 during preprocessing; probabilities: linear per class, as nnU-Net exports), put the crop back into the transposed
@@ -13,8 +13,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from orthonet.imageio import Geometry, array_to_image
-from preprocessing.crop import uncrop
-from preprocessing.resample import resample_labels, resample_probabilities
+from orthonet.preprocessing.crop import uncrop
+from orthonet.preprocessing.resample import resample_labels, resample_probabilities
 
 
 def _z_axis(properties: Dict) -> Optional[int]:

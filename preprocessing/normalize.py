@@ -102,7 +102,7 @@ def normalize(data: np.ndarray, normalization: Dict, mask: Optional[np.ndarray] 
         if scheme not in NORMALIZERS:
             raise OrthoError(f"unknown normalisation scheme '{scheme}' in the plans",
                              fix=f"use one of {sorted(NORMALIZERS)} or register yours with "
-                                 "preprocessing.normalize.register_normalizer")
+                                 "orthonet.preprocessing.normalize.register_normalizer")
         stats = normalization.get("per_channel", {}).get(str(c), {})
         m = mask if (use_mask and scheme in MASKABLE) else None
         out[c] = NORMALIZERS[scheme](data[c], stats, m)

@@ -42,7 +42,7 @@ def _init_worker() -> None:
 
 
 #: Modules the worker functions live in; a forkserver imports them once and forks ready workers from it.
-WORKER_MODULES = ["planners.fingerprint", "preprocessing.preprocessor"]
+WORKER_MODULES = ["orthonet.planners.fingerprint", "orthonet.preprocessing.preprocessor"]
 
 
 def _context():

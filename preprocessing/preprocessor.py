@@ -23,13 +23,13 @@ from orthonet.dataset import DatasetSpec
 from orthonet.errors import OrthoError
 from orthonet.fileio import load_json
 from orthonet.imageio import Geometry, read_channels
-from planners.fingerprint import case_seed, read_label
-from planners.plans import configuration, data_folder, preprocessing_hash, view_plan
-from preprocessing import storage
-from preprocessing.crop import crop_to_nonzero
-from preprocessing.normalize import normalize
-from preprocessing.parallel import run_parallel
-from preprocessing.resample import compute_new_shape, policy_from_plan, resample_image, resample_labels
+from orthonet.planners.fingerprint import case_seed, read_label
+from orthonet.planners.plans import configuration, data_folder, preprocessing_hash, view_plan
+from orthonet.preprocessing import storage
+from orthonet.preprocessing.crop import crop_to_nonzero
+from orthonet.preprocessing.normalize import normalize
+from orthonet.preprocessing.parallel import run_parallel
+from orthonet.preprocessing.resample import compute_new_shape, policy_from_plan, resample_image, resample_labels
 
 PathLike = Union[str, Path]
 ImagesInput = Union[Sequence[PathLike], Mapping[str, Sequence[PathLike]], Tuple[np.ndarray, Geometry]]
@@ -141,7 +141,7 @@ def preprocess_case(images: ImagesInput, plans: Dict, view: str, config: str, ca
     """Preprocess one image (no label), e.g. a raw test image at inference time.
 
     ``images``: the view's channel files, ``{view: channel files}`` or ``(array (C, z, y, x), Geometry)``.
-    Returns (data float32 (C, z, y, x), properties); :mod:`preprocessing.export` maps predictions back with the
+    Returns (data float32 (C, z, y, x), properties); :mod:`orthonet.preprocessing.export` maps predictions back with the
     properties.
     """
     data, geometry = _read_images(images, view)

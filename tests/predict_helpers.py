@@ -41,7 +41,7 @@ def ortho_env(root: Path) -> Iterator[Path]:
 
 def plan_small(dataset_id: int, dataset_name: str, root: Path) -> Dict:
     """Plan and preprocess, then narrow every network of the plans (both plans files)."""
-    from planners.cli import main as plan_main
+    from orthonet.planners.cli import main as plan_main
     assert plan_main(["-d", str(dataset_id), "-np", "1", "--no-progress"]) == 0
     pre = root / "pre" / dataset_name
     plans = json.loads((pre / "orthoPlans.json").read_text(encoding="utf-8"))
@@ -55,8 +55,8 @@ def plan_small(dataset_id: int, dataset_name: str, root: Path) -> Dict:
 
 
 def train(dataset_name: str, task: str, fold, **kw):
-    from training.options import TrainOptions
-    from training.trainers import get_trainer_class
+    from orthonet.training.options import TrainOptions
+    from orthonet.training.trainers import get_trainer_class
     opts = dict(dataset_name=dataset_name, configuration="3d_fullres", fold=fold, task=task, epochs=1,
                 iterations_per_epoch=2, val_iterations=1, num_workers=0, device="cpu")
     opts.update(kw)

@@ -54,8 +54,8 @@ def models(tmp_path_factory):
 
 
 def test_find_best_configuration_on_two_trained_folds(models, tmp_path, capsys):
-    from inference.best_configuration import find_best_configuration_cli
-    from inference.cli import predict_cli
+    from orthonet.inference.best_configuration import find_best_configuration_cli
+    from orthonet.inference.cli import predict_cli
     results = Path(models["root"]) / "res" / models["dataset"]
     instructions_file = results / "inference_instructions.json"
     try:
@@ -152,8 +152,8 @@ def fake_results(tmp_path):
 
 
 def test_best_model_per_task_and_thresholds_from_the_diagnosis_model(fake_results, capsys):
-    from inference.best_configuration import find_best_configuration_cli
-    from inference.model_selection import resolve_models
+    from orthonet.inference.best_configuration import find_best_configuration_cli
+    from orthonet.inference.model_selection import resolve_models
     assert find_best_configuration_cli(["-d", "972", "-f", "0", "1"]) == 0
     printed = capsys.readouterr().out
     instr = json.loads((fake_results["results"] / "inference_instructions.json").read_text(encoding="utf-8"))
@@ -185,7 +185,7 @@ def test_best_model_per_task_and_thresholds_from_the_diagnosis_model(fake_result
 
 
 def test_missing_folds_are_a_clear_error(fake_results, capsys):
-    from inference.best_configuration import find_best_configuration_cli
+    from orthonet.inference.best_configuration import find_best_configuration_cli
     assert find_best_configuration_cli(["-d", "972"]) == 2          # default folds 0-4: none has 2, 3, 4
     err = capsys.readouterr().err
     assert "no trained model of Dataset972_Fake has a validation of fold(s) 0, 1, 2, 3, 4" in err
@@ -196,7 +196,7 @@ def test_missing_folds_are_a_clear_error(fake_results, capsys):
 def test_prediction_finds_the_only_trained_variant_and_lists_several(fake_results):
     """``ortho_train ... --pretrained none`` writes ``...__scratch``; ``ortho_predict -d D -f 0`` must find it when
     it is the only trained model of that trainer/plans/configuration, and list the candidates when several are."""
-    from inference.model_selection import resolve_models
+    from orthonet.inference.model_selection import resolve_models
     results = fake_results["results"]
     _write_model(results, "SegTrainer__orthoPlans__3d_lowres__scratch", "seg", dice=0.7)
     sel = resolve_models(972, configuration="3d_lowres", trainer="SegTrainer", folds=[0])

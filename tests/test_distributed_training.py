@@ -28,9 +28,9 @@ TIMEOUT_S = 150              # a hang fails the test instead of blocking the sui
 def dataset(env):
     """Three views, segmentation + two diagnoses; half of the cases lack the coronal view after preprocessing."""
     write_tiny_dataset(env / "raw" / DATASET, n_train=10, n_test=0)
-    from planners.cli import main as plan_main
+    from orthonet.planners.cli import main as plan_main
     assert plan_main(["-d", "961", "-np", "1"]) == 0
-    from preprocessing import storage
+    from orthonet.preprocessing import storage
     for folder in (env / "pre" / DATASET).iterdir():
         if folder.is_dir():
             for i in range(1, 10, 2):
@@ -46,7 +46,7 @@ def _free_port() -> int:
 
 def _rank_split(trainer, cases: List[str]) -> List[str]:
     """Rank 0 trains on complete exams, rank 1 only on exams lacking ``MISSING``: each rank-1 batch lacks it."""
-    from training import distributed as D
+    from orthonet.training import distributed as D
     lacking = [c for c in cases if not trainer.store.has_view(c, MISSING)]
     complete = [c for c in cases if trainer.store.has_view(c, MISSING)]
     assert lacking and complete, cases
@@ -55,7 +55,7 @@ def _rank_split(trainer, cases: List[str]) -> List[str]:
 
 def _trainer_class(task: str, batch_dice: bool):
     """The task's trainer with rank-dependent training cases (and optionally batch Dice)."""
-    from training.trainers import get_trainer_class
+    from orthonet.training.trainers import get_trainer_class
     base = get_trainer_class(None, task)
 
     class RankSplitTrainer(base):
@@ -71,8 +71,8 @@ def _worker(rank: int, port: int, out: str, task: str, diagnosis_input: str, bat
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    from training import distributed as D
-    from training.options import TrainOptions
+    from orthonet.training import distributed as D
+    from orthonet.training.options import TrainOptions
     D.init_distributed(device="cpu", timeout_s=TIMEOUT_S // 2)   # the trainer reuses this group
     try:
         opts = TrainOptions(dataset_name=DATASET, configuration="3d_fullres", fold=0, task=task, epochs=1,
@@ -135,3 +135,59 @@ def test_ddp_batch_dice_validation_on_rank_0_does_not_hang(dataset, tmp_path, mo
     waits at the epoch's barrier (multitask: segmentation and diagnosis losses in validation)."""
     monkeypatch.setenv("ORTHO_results", str(tmp_path / "res"))
     _assert_ranks_agree_and_trained(_run_two_ranks(tmp_path, "multitask", "crop", batch_dice=True))
+
+
+def _gather_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    from orthonet.training import distributed as D
+    D.init_distributed(device="cpu", timeout_s=TIMEOUT_S // 2)
+    try:
+        x = torch.arange(3, dtype=torch.float64).add(10.0 * rank).reshape(1, 3).requires_grad_()
+        gathered = D.all_gather_with_grad(x)                      # (world, 1, 3)
+        loss = (rank + 1) * gathered.sum(0).pow(2).sum()         # each rank's loss differs
+        loss.backward()
+        with D.local_only():                                      # rank-local: no collective, plain tensor[None]
+            local = D.all_gather_with_grad(x)
+        D.barrier()
+        result = {"gathered": gathered.detach(), "grad": x.grad.detach(), "local": local.detach(),
+                  "local_grad_fn": local.grad_fn is not None}
+        results = D.all_gather_objects(result)
+        if rank == 0:
+            torch.save(results, Path(out) / "gather.pt")
+    finally:
+        D.cleanup()
+
+
+def test_all_gather_with_grad_sums_every_ranks_gradient(tmp_path):
+    """``all_gather_with_grad`` (torch.distributed.nn.functional.all_gather): forward stacks the ranks' tensors
+    in rank order; backward gives each rank d(sum of every rank's loss)/d(its own slice); inside local_only() and
+    with one process it is ``tensor[None]`` with its graph."""
+    ctx = torch.multiprocessing.start_processes(_gather_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD,
+                                                join=False, start_method="fork")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail("2-rank all_gather_with_grad did not finish")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    results = torch.load(tmp_path / "gather.pt", weights_only=True)
+    xs = [torch.arange(3, dtype=torch.float64).add(10.0 * r).reshape(1, 3) for r in range(WORLD)]
+    total = sum(xs)
+    expected_grad = sum(2 * (k + 1) * total for k in range(WORLD))  # d/dx_r of sum_k (k+1) * |sum_j x_j|^2
+    for r, res in enumerate(results):
+        assert torch.equal(res["gathered"], torch.stack(xs))
+        assert torch.allclose(res["grad"], expected_grad)
+        assert torch.equal(res["local"], xs[r][None]) and res["local_grad_fn"]
+
+    from orthonet.training import distributed as D
+    assert not D.is_distributed()
+    x = torch.ones(2, requires_grad=True)
+    y = D.all_gather_with_grad(x)
+    assert y.shape == (1, 2)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones(2))

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from inference.diagnoses_table import (make_case_diagnoses, read_diagnoses_csv, write_diagnoses_csv,
-                                       write_diagnoses_json)
-from inference.evaluate import evaluate, evaluate_cli, evaluate_main, roc_points
-from inference.thresholds import (choose_thresholds, configuration_score, rank_configurations,
-                                  select_best_configuration)
+from orthonet.inference.diagnoses_table import (make_case_diagnoses, read_diagnoses_csv, write_diagnoses_csv,
+                                                write_diagnoses_json)
+from orthonet.inference.evaluate import evaluate, evaluate_cli, evaluate_main, roc_points
+from orthonet.inference.thresholds import (choose_thresholds, configuration_score, rank_configurations,
+                                           select_best_configuration)
 from orthonet.dataset import load_dataset
 from orthonet.errors import OrthoError
 from orthonet.imageio import Geometry

@@ -33,8 +33,8 @@ FEATURE_VOXEL_DIAGONAL_MM = float(np.sqrt(3) * 6.0)
 
 def _train_lesion_model(root: Path, steps: int = 70) -> None:
     """Full-batch AdamW on the centre crops the diagnosis head sees, random flips, fixed seed."""
-    from inference.predict_core import center_crop
-    from training.model_factory import ModelConfig, build_model
+    from orthonet.inference.predict_core import center_crop
+    from orthonet.training.model_factory import ModelConfig, build_model
     torch.manual_seed(0)
     plans, labels, cases, store = _lesion_data(root)
     patch = plans["views"]["sagittal"]["configurations"]["3d_fullres"]["patch_size"]
@@ -62,7 +62,7 @@ def _lesion_data(root: Path):
     """(plans, diagnoses by case, sorted cases, preprocessed store) of the lesion dataset."""
     from orthonet.dataset import load_dataset
     from orthonet.fileio import load_json
-    from training.data.dataset import PreprocessedCaseStore
+    from orthonet.training.data.dataset import PreprocessedCaseStore
     pre = root / "pre" / NAME
     labels = load_dataset(root / "raw" / NAME).read_diagnoses()
     store = PreprocessedCaseStore(pre / "orthoPlans_3d_fullres", ["sagittal"], None)
@@ -72,7 +72,7 @@ def _lesion_data(root: Path):
 def _save_model(root: Path, plans, model, cfg, folder_name: str) -> None:
     """Save in the layout ortho_train writes (plans and dataset.json copies, fold_all checkpoint)."""
     from orthonet.fileio import load_json, save_json
-    from training.checkpoint import save_checkpoint
+    from orthonet.training.checkpoint import save_checkpoint
     folder = root / "res" / NAME / folder_name
     save_json(plans, folder / "plans.json")
     save_json(load_json(root / "pre" / NAME / "dataset.json"), folder / "dataset.json")
@@ -124,8 +124,8 @@ def _localisation(saliency: np.ndarray, lesion: np.ndarray, points: np.ndarray):
 
 
 def test_saliency_has_the_view_geometry_and_points_at_the_lesion(lesion_model, tmp_path):
-    from inference.cli import predict_cli
-    from inference.diagnoses_table import read_diagnoses_csv
+    from orthonet.inference.cli import predict_cli
+    from orthonet.inference.diagnoses_table import read_diagnoses_csv
     cases = _phantom_cases(tmp_path / "in")
     out = tmp_path / "out"
     assert predict_cli(["-i", str(tmp_path / "in"), "-o", str(out), "-d", str(DATASET_ID), "-tr", "LesionDiag",
@@ -158,7 +158,7 @@ def test_saliency_has_the_view_geometry_and_points_at_the_lesion(lesion_model, t
 def test_hirescam_localises_better_than_channel_averaged_gradcam(lesion_model, tmp_path):
     """The documented reason for the default method, measured on the same model and cases (measured: mean
     enrichment 27x for HiResCAM, 1.4x for Grad-CAM)."""
-    from inference import Predictor
+    from orthonet.inference import Predictor
     cases = _phantom_cases(tmp_path / "in", n_positive=4, n_negative=0)
     scores = {}
     for method in ("hirescam", "gradcam"):
@@ -180,7 +180,7 @@ def _train_whole_lesion_model(root: Path, steps: int = 60) -> None:
     """The same lesion, learnt by a whole-exam model (attention-MIL over each whole volume, batch-padded with the
     exams' sizes), saved in ortho_train's layout."""
     from orthonet.networks.whole_exam import pad_to_stride, padded_shape, total_stride
-    from training.model_factory import ModelConfig, build_model
+    from orthonet.training.model_factory import ModelConfig, build_model
     torch.manual_seed(0)
     plans, labels, cases, store = _lesion_data(root)
     cfg = ModelConfig(task="diag", configuration="3d_fullres", views=["sagittal"], segmentation_view=None,
@@ -211,8 +211,8 @@ def test_whole_exam_model_writes_attention_maps_that_point_at_the_lesion(lesion_
     attention of the lesion's head leans towards the lesion (chance enrichment: 1). Measured on 3 fresh phantoms:
     1.10-1.20x only: with levels averaged and the coarse levels upsampled the attention map is diffuse, and the
     masked-max branch of the pooling does much of the detecting; HiResCAM localises far better (see above)."""
-    from inference.cli import predict_cli
-    from inference.diagnoses_table import read_diagnoses_csv
+    from orthonet.inference.cli import predict_cli
+    from orthonet.inference.diagnoses_table import read_diagnoses_csv
     with ortho_env(lesion_model):
         _train_whole_lesion_model(lesion_model)
         cases = _phantom_cases(tmp_path / "in", n_positive=3, n_negative=1)

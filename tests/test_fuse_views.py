@@ -30,7 +30,7 @@ def dataset(tmp_path_factory):
         for name, dataset_id in ((NAME, ID), (INCOMPLETE, ID + 1)):
             write_tiny_dataset(root / "raw" / name, n_train=6, n_test=1, oblique=True, seed=5)
             plan_small(dataset_id, name, root)
-        from preprocessing import storage
+        from orthonet.preprocessing import storage
         for folder in (root / "pre" / INCOMPLETE).iterdir():
             if folder.is_dir():
                 storage.properties_file(folder, LACKING, "coronal").unlink(missing_ok=True)
@@ -38,7 +38,7 @@ def dataset(tmp_path_factory):
 
 
 def _options(**kw):
-    from training.options import TrainOptions
+    from orthonet.training.options import TrainOptions
     base = dict(dataset_name=INCOMPLETE, configuration="3d_fullres", fold=0, epochs=1, iterations_per_epoch=2,
                 val_iterations=1, num_workers=0, device="cpu", fuse_views=True, pretrained="none")
     base.update(kw)
@@ -51,8 +51,8 @@ def test_default_multitask_task_trains_validates_and_predicts_with_fuse_views(da
     """`ortho_train D 3d_fullres 0 --fuse-views` on a dataset with segmentation and diagnoses (multitask by
     default) trains the cross-view fusion, validates (online and full-volume) and `ortho_predict` segments with it,
     with and without the other views."""
-    from inference.cli import predict_cli
-    from training.cli import train_main
+    from orthonet.inference.cli import predict_cli
+    from orthonet.training.cli import train_main
     argv = [NAME, "3d_fullres", fold, "--fuse-views", "--pretrained", "none", "--diagnosis-input", diagnosis_input]
     assert train_main(argv + RUN) == 0
     model_dir = dataset / "res" / NAME / "MultitaskTrainer__orthoPlans__3d_fullres__scratch"
@@ -76,11 +76,11 @@ def test_default_multitask_task_trains_validates_and_predicts_with_fuse_views(da
 def test_diag_task_refuses_fuse_views_clearly(dataset):
     """--task diag has no segmentation to fuse views into: refused (naming the flag and the fix), not ignored."""
     from orthonet.errors import OrthoError
-    from training.cli import train_main
+    from orthonet.training.cli import train_main
     with pytest.raises(OrthoError, match="--fuse-views") as err:
         train_main([NAME, "3d_fullres", "0", "--task", "diag", "--fuse-views", "--pretrained", "none"] + RUN)
     assert err.value.fix and "drop --fuse-views" in err.value.fix
-    from training.trainers import DiagTrainer
+    from orthonet.training.trainers import DiagTrainer
     with pytest.raises(OrthoError, match="--fuse-views"):            # the Python API too
         DiagTrainer(_options(task=None)).run()
 
@@ -92,7 +92,7 @@ def _trainer(task: str):
     """The task's trainer, set up on the incomplete dataset. Multitask diagnoses centre crops here: whole-exam
     diagnosis cannot yet encode a batch holding an exam that lacks a view (a 1-voxel stand-in volume), and the
     fusion's inputs do not depend on what the diagnosis reads."""
-    from training.trainers import get_trainer_class
+    from orthonet.training.trainers import get_trainer_class
     trainer = get_trainer_class(None, task)(_options(task=task, diagnosis_input="crop"))
     trainer.setup()
     trainer.model.eval()
@@ -143,7 +143,7 @@ def _seg_patch_offset(trainer, batch: Dict, b: int, case: str) -> List[int]:
 
 def _predicted_fusion_input(trainer, case: str, offset: List[int]) -> torch.Tensor:
     """The fusion input of ``ortho_predict``'s tile predictor for the tile of ``case`` at ``offset``."""
-    from inference.predict_core import LoadedModel, _fused_segment_fn
+    from orthonet.inference.predict_core import LoadedModel, _fused_segment_fn
     seg = trainer.segmentation_view
     views = [v for v in trainer.model_cfg.views if trainer.store.has_view(case, v)]
     data = {v: trainer.store.open(case, v, with_seg=False).data[:] for v in views}

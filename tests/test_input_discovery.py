@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from inference.input_discovery import discover_inputs, input_case_from_images, load_source
+from orthonet.inference.input_discovery import discover_inputs, input_case_from_images, load_source
 from orthonet.dataset import load_dataset
 from orthonet.dicom import DicomVolume, write_dicom_series
 from orthonet.errors import OrthoError
@@ -212,7 +212,7 @@ def test_missing_views_are_reported_only_for_views_the_models_read(dataset, tmp_
     """A segmentation-only model given just its view: nothing is missing for it (the other views become a note);
     a model that reads every view still hears about each absent one; a diagnosis-only model is not told that the
     case gets no segmentation."""
-    from inference.input_discovery import restrict_to_models
+    from orthonet.inference.input_discovery import restrict_to_models
     seg_view = dataset.segmentation_view
     assert seg_view and dataset.has_segmentation
     others = [v for v in VIEWS if v != seg_view]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from inference.predict_core import LoadedModel, diagnosis_logits, load_trained_model, segmentation_logits
-from training.model_factory import ModelConfig
+from orthonet.inference.predict_core import LoadedModel, diagnosis_logits, load_trained_model, segmentation_logits
+from orthonet.training.model_factory import ModelConfig
 
 
 class RampModel(nn.Module):
@@ -91,7 +91,7 @@ def test_old_descriptions_keep_mirroring_every_spatial_axis():
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """A planned two-view dataset (5 cases, tiny volumes)."""
-    from planners.cli import main as plan_main
+    from orthonet.planners.cli import main as plan_main
     from tests.builders import write_tiny_dataset
     from tests.predict_helpers import ortho_env
     root = tmp_path_factory.mktemp("mirror")
@@ -102,7 +102,7 @@ def planned(tmp_path_factory):
 
 
 def _trainer(cls, task: str):
-    from training.options import TrainOptions
+    from orthonet.training.options import TrainOptions
     trainer = cls(TrainOptions(dataset_name="Dataset981_Mirror", configuration="3d_fullres", fold=0, task=task,
                                epochs=1, iterations_per_epoch=1, val_iterations=1, num_workers=0, device="cpu"))
     trainer.configure_data()
@@ -117,8 +117,8 @@ def _mirror_transform_axes(transforms) -> tuple:
 
 
 def test_trainer_stores_the_axes_its_augmentation_mirrors(planned, tmp_path):
-    from training.checkpoint import save_checkpoint
-    from training.trainers import get_trainer_class
+    from orthonet.training.checkpoint import save_checkpoint
+    from orthonet.training.trainers import get_trainer_class
     from orthonet.fileio import save_json
 
     class NoAxis0SegTrainer(get_trainer_class(None, "seg")):

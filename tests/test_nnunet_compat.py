@@ -18,10 +18,10 @@ def test_nnunet_dataset_end_to_end(tmp_path, monkeypatch):
         monkeypatch.setenv(f"ORTHO_{kind}", str(tmp_path / kind))
     torch.set_num_threads(1)
     root = write_tiny_nnunet_dataset(tmp_path / "raw" / "Dataset961_Plain", n_train=6, anisotropic=True)
-    from inference.cli import evaluate_cli, predict_cli
+    from orthonet.inference.cli import evaluate_cli, predict_cli
     from orthonet.verify import cli as verify_cli
-    from planners.cli import plan_and_preprocess_cli
-    from training.cli import train_cli
+    from orthonet.planners.cli import plan_and_preprocess_cli
+    from orthonet.training.cli import train_cli
     assert verify_cli(["-d", "961"]) == 0
     assert plan_and_preprocess_cli(["-d", "961", "-np", "1"]) == 0
     plans = json.loads((tmp_path / "preprocessed" / "Dataset961_Plain" / "plans.json").read_text(encoding="utf-8"))

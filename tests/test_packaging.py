@@ -1,12 +1,17 @@
-"""What a released package has: licence, changelog, one version, py.typed, benchmarks runner, option spelling."""
+"""What a released package has: licence, changelog, one version, py.typed, import names that do not clash with other
+distributions or a user's folders, console scripts that resolve, benchmarks runner, option spelling."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import pytest
 
@@ -63,13 +68,220 @@ def test_changelog_has_an_unreleased_section():
     assert re.search(r"^## \[Unreleased\]$", text, re.M)
 
 
+STAGES = ("planners", "preprocessing", "training", "inference")
+
+
+def _package_folder(package: str) -> Path:
+    """Where the source of ``package`` lives in the repository, following ``[tool.setuptools.package-dir]``."""
+    mapping = PYPROJECT["tool"]["setuptools"].get("package-dir", {})
+    parts = package.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in mapping:
+            return REPO.joinpath(mapping[prefix], *parts[n:])
+    return REPO.joinpath(*parts)
+
+
+def test_stages_install_inside_orthonet():
+    """The stage folders stay top-level in the repository but install as ``orthonet.<stage>``: a top-level
+    ``inference``/``training``/... would overwrite (or be shadowed by) other distributions and user folders."""
+    setup = PYPROJECT["tool"]["setuptools"]
+    assert setup["package-dir"] == {f"orthonet.{s}": s for s in STAGES}
+    assert all(p == "orthonet" or p.startswith("orthonet.") for p in setup["packages"])
+    for stage in STAGES:
+        assert (REPO / stage / "__init__.py").is_file() and not (REPO / "orthonet" / stage).exists()
+
+
+def test_packages_list_every_package_folder():
+    """The explicit ``packages`` list names every folder with an ``__init__.py`` (a new subpackage must be added,
+    or the wheel silently lacks it)."""
+    listed = PYPROJECT["tool"]["setuptools"]["packages"]
+    assert len(listed) == len(set(listed))
+    found = set()
+    for top, root in [("orthonet", REPO / "orthonet")] + [(f"orthonet.{s}", REPO / s) for s in STAGES]:
+        for init in root.rglob("__init__.py"):
+            rel = init.parent.relative_to(root).parts
+            found.add(".".join((top, *rel)))
+    assert sorted(listed) == sorted(found)
+    for package in listed:
+        assert (_package_folder(package) / "__init__.py").is_file(), package
+
+
 def test_every_package_ships_py_typed():
-    packages = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
-    tops = sorted({p.rstrip("*") for p in packages})
-    assert tops == sorted(["orthonet", "planners", "preprocessing", "training", "inference"])
+    tops = ["orthonet"] + [f"orthonet.{s}" for s in STAGES]
     for top in tops:
-        assert (REPO / top / "py.typed").is_file(), f"{top}/py.typed missing"
+        assert (_package_folder(top) / "py.typed").is_file(), f"{top}: py.typed missing"
     assert "py.typed" in PYPROJECT["tool"]["setuptools"]["package-data"]["*"]
+
+
+def _installed_distribution():
+    """orthonet's distribution as pip installed it (it has a RECORD; the ``orthonet.egg-info`` a build leaves in
+    the checkout, which importlib.metadata also finds from here, has none), or None."""
+    import importlib.metadata as md
+    for dist in md.distributions(name="orthonet"):
+        if dist.read_text("RECORD") is not None:
+            return dist
+    return None
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_console_script_entry_points_resolve(script):
+    target = SCRIPTS[script]
+    module, _, func = target.partition(":")
+    assert module == "orthonet" or module.startswith("orthonet."), f"{script} = {target}: not inside orthonet"
+    fn = getattr(importlib.import_module(module), func)
+    assert callable(fn)
+
+
+def test_installed_entry_points_match_pyproject():
+    dist = _installed_distribution()
+    if dist is None:
+        pytest.skip("orthonet is not installed (pip install -e .)")
+    installed = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
+    assert installed == SCRIPTS, "reinstall (make install): the installed console scripts are stale"
+
+
+# Fake top-level packages named like the stages, as another distribution or a user's own folder would have them:
+# ``planners`` and ``preprocessing`` fail when imported; ``inference`` and ``training`` import and carry a marker.
+_USER_PACKAGES = {
+    "inference": "USER_PACKAGE = 'inference'\n",
+    "training": "USER_PACKAGE = 'training'\n",
+    "planners": "raise ImportError(\"the user's planners package was imported\")\n",
+    "preprocessing": "raise ImportError(\"the user's preprocessing package was imported\")\n",
+}
+
+# Run in a subprocess: import every orthonet module, then check no stage was imported under its top-level name and
+# that the user's packages are still the user's.
+_CLASH_CHECK = r"""
+import importlib, json, pkgutil, sys
+from pathlib import Path
+packages = json.loads(sys.argv[1])
+expect_root = Path(sys.argv[2]).resolve()
+user_dir = Path(sys.argv[3]).resolve()
+import orthonet
+for name in packages:
+    pkg = importlib.import_module(name)
+    for info in pkgutil.iter_modules(pkg.__path__, name + "."):
+        if not info.ispkg:
+            importlib.import_module(info.name)
+clashing = sorted(m for m in sys.modules if m.split(".")[0] in ("planners", "preprocessing", "training", "inference"))
+assert not clashing, f"top-level stage modules imported: {clashing}"
+for stage in ("planners", "preprocessing", "training", "inference"):
+    ours = sys.modules["orthonet." + stage]
+    assert Path(ours.__file__).resolve().is_relative_to(expect_root), (stage, ours.__file__, expect_root)
+import orthonet.inference.cli, orthonet.training.cli
+for stage in ("inference", "training"):
+    user = importlib.import_module(stage)
+    assert user.USER_PACKAGE == stage and Path(user.__file__).resolve().parent.parent == user_dir, user.__file__
+    assert sys.modules["orthonet." + stage] is not user
+print("OK", len(sys.modules))
+"""
+
+
+def _user_packages(tmp_path: Path) -> Path:
+    user = tmp_path / "user_site"
+    for name, body in _USER_PACKAGES.items():
+        (user / name).mkdir(parents=True)
+        (user / name / "__init__.py").write_text(body, encoding="utf-8")
+    return user
+
+
+def _run_clash_check(tmp_path: Path, pythonpath: List[Path], expect_root: Path) -> None:
+    user = _user_packages(tmp_path)
+    neutral = tmp_path / "cwd"
+    neutral.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in [user, *pythonpath])}
+    packages = PYPROJECT["tool"]["setuptools"]["packages"]
+    r = subprocess.run([sys.executable, "-c", _CLASH_CHECK, json.dumps(packages), str(expect_root), str(user)],
+                       cwd=neutral, env=env, capture_output=True, text=True, encoding="utf-8", timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
+
+
+def test_user_packages_named_like_stages_do_not_clash_from_the_source_tree(tmp_path):
+    """A user's ``inference``/``training`` packages first on sys.path (and ``planners``/``preprocessing`` that
+    fail on import) do not shadow orthonet's stages, and importing all of orthonet leaves them the user's.
+    orthonet comes from this checkout (as with ``PYTHONPATH=.`` in a clone)."""
+    _run_clash_check(tmp_path, [REPO], REPO)
+
+
+@pytest.mark.slow
+def test_wheel_holds_the_stages_inside_orthonet_and_does_not_clash(tmp_path):
+    """Build the wheel (no network: the installed setuptools builds it), check its layout and entry points, and
+    import every module from it (unpacked on PYTHONPATH) next to the user's packages."""
+    import zipfile
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip("building the wheel offline needs setuptools >= 77 in this environment")
+    src = tmp_path / "src"          # a copy, so that the build writes nothing into the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(REPO / name, src / name)
+    for top in ("orthonet", *STAGES):
+        shutil.copytree(REPO / top, src / top, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    out = tmp_path / "wheel"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                        "-q", "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (wheel,) = out.glob("orthonet-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        tops = {n.split("/")[0] for n in names}
+        assert tops == {"orthonet", f"orthonet-{wheel.name.split('-')[1]}.dist-info"}, tops
+        for package in PYPROJECT["tool"]["setuptools"]["packages"]:
+            folder = package.replace(".", "/")
+            assert f"{folder}/__init__.py" in names, package
+        for stage in STAGES:
+            assert f"orthonet/{stage}/py.typed" in names
+        assert "orthonet/training/trainers/base.py" in names and "orthonet/inference/cli.py" in names
+        (ep,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        text = z.read(ep).decode("utf-8")
+        for script, target in SCRIPTS.items():
+            assert f"{script} = {target}" in text
+        site = tmp_path / "site"
+        z.extractall(site)
+    _run_clash_check(tmp_path, [site], site)
+
+
+def test_editable_install_maps_the_stages(tmp_path):
+    """The editable install's own finder (not orthonet's source-tree finder) resolves ``orthonet.<stage>``."""
+    dist = _installed_distribution()
+    if dist is None:
+        pytest.skip("orthonet is not installed")
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    if not direct.get("dir_info", {}).get("editable"):
+        pytest.skip("orthonet is not installed in editable mode")
+    if Path(direct["url"].removeprefix("file://")).resolve() != REPO:
+        pytest.skip("the editable install is another checkout")
+    code = ("import sys, orthonet; "
+            "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, 'orthonet_stage_finder', False)]; "
+            "import orthonet.training.cli, orthonet.planners.cli; "
+            "print(orthonet.training.cli.__file__); print(orthonet.planners.cli.__file__)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr
+    assert [Path(p) for p in r.stdout.split()] == [REPO / "training" / "cli.py", REPO / "planners" / "cli.py"]
+
+
+def test_source_tree_finder_only_in_a_checkout(tmp_path):
+    """The source-tree finder is registered for this checkout, and not for an installed layout or a folder
+    that merely looks like one."""
+    import orthonet
+    assert orthonet._source_checkout(REPO / "orthonet") == REPO
+    installed = tmp_path / "site" / "orthonet"
+    (installed / "planners").mkdir(parents=True)
+    assert orthonet._source_checkout(installed) is None
+    other = tmp_path / "other"
+    (other / "orthonet").mkdir(parents=True)
+    for stage in STAGES:
+        (other / stage).mkdir()
+        (other / stage / "__init__.py").write_text("", encoding="utf-8")
+    (other / "pyproject.toml").write_text('[project]\nname = "something-else"\n', encoding="utf-8")
+    assert orthonet._source_checkout(other / "orthonet") is None
+    (other / "pyproject.toml").write_text('[project]\nname = "orthonet"\n', encoding="utf-8")
+    assert orthonet._source_checkout(other / "orthonet") == other
+    stage_finders = [f for f in sys.meta_path if getattr(f, "orthonet_stage_finder", False)]
+    assert len(stage_finders) == 1 and stage_finders[0].repo == REPO
+    assert stage_finders[0].find_spec("orthonet.tests") is None and stage_finders[0].find_spec("training") is None
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ from orthonet.dataset import load_dataset
 from orthonet.errors import OrthoError
 from orthonet.imageio import Geometry
 from orthonet.synthetic.views import ViewGrid
-from planners.memory import estimated_gb, feature_map_count
+from orthonet.planners.memory import estimated_gb, feature_map_count
 from orthonet.networks.build import build_network
-from planners.planner import DefaultPlanner
-from planners.plans import load_plans
-from planners.resenc_planner import ResEncPlanner
-from planners.topology import plan_topology
+from orthonet.planners.planner import DefaultPlanner
+from orthonet.planners.plans import load_plans
+from orthonet.planners.resenc_planner import ResEncPlanner
+from orthonet.planners.topology import plan_topology
 from tests.builders import write_tiny_dataset, write_tiny_nnunet_dataset
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -98,7 +98,7 @@ def write_oblique_aniso_dataset(root: Path, n_train: int = 3, n_unlabeled: int =
 
 
 def run_cli(argv, raw: Path, pre: Path, monkeypatch) -> int:
-    from planners.cli import main
+    from orthonet.planners.cli import main
 
     monkeypatch.setenv("ORTHO_raw", str(raw))
     monkeypatch.setenv("ORTHO_preprocessed", str(pre))
@@ -239,7 +239,7 @@ def test_network_entry_builds_a_working_network(tmp_path, planner_cls):
 
 
 def test_planner_registry_and_cli_pl(tmp_path, monkeypatch):
-    from planners.registry import PLANNERS, get_planner, register_planner
+    from orthonet.planners.registry import PLANNERS, get_planner, register_planner
 
     @register_planner
     class TinyFeaturesPlanner(DefaultPlanner):
@@ -386,7 +386,7 @@ def test_base_features_option_narrows_the_network(tmp_path, monkeypatch):
     """--base-features makes a narrower network of the same topology (CPU-only machines, quick experiments); a
     rerun asking for a different width without --overwrite is refused instead of silently mixing plans."""
     import json
-    from planners.cli import main
+    from orthonet.planners.cli import main
     from orthonet.errors import OrthoError
     from tests.builders import write_tiny_dataset
     for kind in ("raw", "preprocessed", "results"):

@@ -27,7 +27,7 @@ def models(tmp_path_factory):
 
 
 def _predict(args) -> int:
-    from inference.cli import predict_cli
+    from orthonet.inference.cli import predict_cli
     return predict_cli([str(a) for a in args])
 
 
@@ -97,7 +97,7 @@ def test_probabilities_and_saliency_files(main_run):
 
 
 def test_diagnoses_tables_with_ensemble_spread(main_run):
-    from inference.diagnoses_table import read_diagnoses_csv
+    from orthonet.inference.diagnoses_table import read_diagnoses_csv
     out = main_run["output"]
     header = (out / "diagnoses.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
     assert header == ["case_id", "lesion_a_prob", "lesion_a", "lesion_a_std", "lesion_b_prob", "lesion_b",
@@ -218,7 +218,7 @@ def _read_views(raw: Path, case: str):
 
 
 def test_ensemble_is_the_mean_of_the_folds_and_tta_keeps_shapes(models):
-    from inference import Predictor, predict_images
+    from orthonet.inference import Predictor, predict_images
     from orthonet.imageio import Geometry
     views = _read_views(models["raw"], "test000")
     kw = dict(tta=False, save_probabilities=True, progress=False, num_processes=0)
@@ -274,7 +274,7 @@ def test_dicom_series_predicts_like_its_nifti(models, tmp_path):
     np.testing.assert_allclose(seg_d.GetDirection(), ref.GetDirection(), atol=1e-5)
     agreement = float(np.mean(sitk.GetArrayFromImage(seg_n) == sitk.GetArrayFromImage(seg_d)))
     assert agreement > 0.99, agreement                                   # measured: 0.99991
-    from inference.diagnoses_table import read_diagnoses_csv
+    from orthonet.inference.diagnoses_table import read_diagnoses_csv
     dn = read_diagnoses_csv(tmp_path / "out_n" / "diagnoses.csv", ["lesion_a", "lesion_b"])["test001"]
     dd = read_diagnoses_csv(tmp_path / "out_d" / "diagnoses.csv", ["lesion_a", "lesion_b"])["test001"]
     for d in ("lesion_a", "lesion_b"):   # measured: |difference| < 1e-5 (float pixels are stored with a rescale
@@ -313,7 +313,7 @@ def test_pipeline_keeps_order_and_bounds_the_cases_in_flight():
     import threading
     import time
     from types import SimpleNamespace
-    from inference.predictor import PredictionSettings, Predictor
+    from orthonet.inference.predictor import PredictionSettings, Predictor
     lock, state = threading.Lock(), {"prepared": 0, "consumed": 0, "max_ahead": 0}
 
     def prepare(case):

@@ -11,13 +11,13 @@ import SimpleITK as sitk
 from scipy.ndimage import map_coordinates
 
 from orthonet.imageio import read_array
-from planners.plans import load_plans
-from preprocessing import storage
-from preprocessing.crop import OUTSIDE_LABEL, crop_to_nonzero, uncrop
-from preprocessing.export import restore_original_geometry, segmentation_to_image
-from preprocessing.normalize import normalize
-from preprocessing.preprocessor import preprocess_case
-from preprocessing.resample import resample_image, resample_labels
+from orthonet.planners.plans import load_plans
+from orthonet.preprocessing import storage
+from orthonet.preprocessing.crop import OUTSIDE_LABEL, crop_to_nonzero, uncrop
+from orthonet.preprocessing.export import restore_original_geometry, segmentation_to_image
+from orthonet.preprocessing.normalize import normalize
+from orthonet.preprocessing.preprocessor import preprocess_case
+from orthonet.preprocessing.resample import resample_image, resample_labels
 from tests.builders import write_tiny_dataset, write_tiny_nnunet_dataset
 from tests.test_planning import run_cli, write_oblique_aniso_dataset
 
@@ -271,7 +271,7 @@ def test_arrays_are_chunked_for_the_plans_patch_and_read_back_exactly(tmp_path, 
     """Blocks fit L1, chunks fit L3 and follow the patch (a 2D patch: one slice per chunk), and patch reads from
     the memory-mapped file equal the array."""
     import blosc2
-    from preprocessing import storage
+    from orthonet.preprocessing import storage
     rng = np.random.default_rng(0)
     data = rng.random(shape, dtype=np.float32)
     storage.save_case(tmp_path, "c0", "sagittal", data, None, {"split": "Tr"}, patch)

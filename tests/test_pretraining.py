@@ -21,16 +21,16 @@ from orthonet.diffusion import extract_features
 from orthonet.errors import OrthoError
 from orthonet.networks import (DiffusionUNet, MultiTaskModel, MultiViewDiagnosisModel, SegmentationModel,
                                build_encoder, load_pretrained_encoder)
-from planners.plans import load_plans, save_plans
+from orthonet.planners.plans import load_plans, save_plans
 from tests.builders import write_tiny_dataset
 from tests.test_planning import write_oblique_aniso_dataset
-from training.checkpoint import load_checkpoint
-from training.pretrain_cli import pretrain_main, sample_main
-from training.pretrained import load_encoder_file, pretrain_view_dir
-from training.sampling_output import untranspose, view_spacing_3d
-from training.trainers.pretrainer import (DiffusionPretrainer, PretrainedFeatures, PretrainSettings,
-                                          load_denoiser_checkpoint, load_pretrained_denoiser, loss_drop,
-                                          weights_digest)
+from orthonet.training.checkpoint import load_checkpoint
+from orthonet.training.pretrain_cli import pretrain_main, sample_main
+from orthonet.training.pretrained import load_encoder_file, pretrain_view_dir
+from orthonet.training.sampling_output import untranspose, view_spacing_3d
+from orthonet.training.trainers.pretrainer import (DiffusionPretrainer, PretrainedFeatures, PretrainSettings,
+                                                   load_denoiser_checkpoint, load_pretrained_denoiser, loss_drop,
+                                                   weights_digest)
 
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -42,7 +42,7 @@ TINY_FEATURES = [8, 16, 32, 64]
 
 
 def _preprocess(argv) -> None:
-    from planners.cli import main
+    from orthonet.planners.cli import main
     assert main(list(argv) + ["-np", "1", "--no-progress"]) == 0
 
 
@@ -255,8 +255,8 @@ def test_resume_refuses_a_checkpoint_of_another_network(env, trained):
 # ------------------------------------------------------------------------------------------------------------
 def test_two_process_gloo_ddp_run_completes_and_ranks_agree(env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.pretrain_cli", DS, "3d_fullres", "-v", "coronal", "--steps", "4", "--save-every", "2",
-           "--num-workers", "0", "--device", "cpu", "-p", TINY, "--prediction-type", "v", "--no-progress"]
+           "-m", "orthonet.training.pretrain_cli", DS, "3d_fullres", "-v", "coronal", "--steps", "4",
+           "--save-every", "2", "--num-workers", "0", "--device", "cpu", "-p", TINY, "--prediction-type", "v", "--no-progress"]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -11,8 +11,8 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from inference.diagnoses_table import make_case_diagnoses
-from inference.report import CaseReport, write_report
+from orthonet.inference.diagnoses_table import make_case_diagnoses
+from orthonet.inference.report import CaseReport, write_report
 
 DIAGNOSES = ["acl_tear", "effusion"]
 NASTY = 'x<img src=q onerror="alert(1)">&y'
@@ -127,8 +127,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 
 def test_case_report_from_a_discovered_case(tmp_path):
-    from inference.input_discovery import InputCase
-    from inference.report import case_report
+    from orthonet.inference.input_discovery import InputCase
+    from orthonet.inference.report import case_report
     usable = InputCase("k1", views={"sagittal": [tmp_path / "a.nii.gz"]}, problems=["view axial missing"])
     r = case_report(usable, make_case_diagnoses("k1", {"acl_tear": 0.3}, {}), extra_problems=["late failure"])
     assert r.views_used == ["sagittal"] and r.problems == ["view axial missing", "late failure"]

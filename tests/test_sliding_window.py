@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from inference.sliding_window import compute_steps, gaussian_importance_map, sliding_window_predict
-from inference.tta import RunningMeanStd, make_tta_predictor, mean_and_std, mirror_combinations, mirror_tta
+from orthonet.inference.sliding_window import compute_steps, gaussian_importance_map, sliding_window_predict
+from orthonet.inference.tta import RunningMeanStd, make_tta_predictor, mean_and_std, mirror_combinations, mirror_tta
 
 torch.set_num_threads(1)
 
@@ -189,7 +189,7 @@ def test_ensemble_mean_and_std():
 
 
 def test_accumulator_falls_back_to_cpu_when_the_device_is_full(monkeypatch):
-    from inference import sliding_window as sw
+    from orthonet.inference import sliding_window as sw
     real_zeros = torch.zeros
 
     def zeros(*args, device=None, **kwargs):

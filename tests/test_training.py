@@ -37,7 +37,7 @@ def env(tmp_path_factory):
 
 
 def _plan(dataset_id: int) -> None:
-    from planners.cli import main as plan_main
+    from orthonet.planners.cli import main as plan_main
     assert plan_main(["-d", str(dataset_id), "-np", "1"]) == 0
 
 
@@ -58,7 +58,7 @@ def single_view(env):
 
 
 def _options(dataset, **kw):
-    from training.options import TrainOptions
+    from orthonet.training.options import TrainOptions
     base = dict(dataset_name=dataset, configuration="3d_fullres", fold=0, epochs=1, iterations_per_epoch=2,
                 val_iterations=1, num_workers=0, device="cpu")
     base.update(kw)
@@ -67,7 +67,7 @@ def _options(dataset, **kw):
 
 @pytest.mark.parametrize("task", ["seg", "diag", "multitask"])
 def test_each_task_trains_and_validates(multiview, task):
-    from training.trainers import get_trainer_class
+    from orthonet.training.trainers import get_trainer_class
     trainer = get_trainer_class(None, task)(_options(multiview, task=task))
     summary = trainer.run()
     out = trainer.output_dir
@@ -91,7 +91,7 @@ def test_each_task_trains_and_validates(multiview, task):
 
 
 def test_segmentation_learns(single_view):
-    from training.trainers import SegTrainer
+    from orthonet.training.trainers import SegTrainer
     trainer = SegTrainer(_options(single_view, task="seg", epochs=4, iterations_per_epoch=10, val_iterations=2))
     summary = trainer.run()
     dice = summary["segmentation"]["dice"]
@@ -101,7 +101,7 @@ def test_segmentation_learns(single_view):
 
 
 def test_diagnosis_learns(single_view):
-    from training.trainers import DiagTrainer
+    from orthonet.training.trainers import DiagTrainer
     trainer = DiagTrainer(_options(single_view, task="diag", fold="all", epochs=4, iterations_per_epoch=12))
     summary = trainer.run()
     # lesion_a is a bright 6 mm sphere: clearly learnable; chance level is 0.5
@@ -114,7 +114,7 @@ def _write_pretrained(dataset: str, folder: Path):
     from orthonet.fileio import load_json
     from orthonet.networks import DiffusionUNet
     from orthonet.paths import preprocessed_root
-    from training.pretrained import save_encoder_file
+    from orthonet.training.pretrained import save_encoder_file
     plans = load_json(preprocessed_root() / dataset / "orthoPlans.json")
     expected = {}
     for view in plans["views"]:
@@ -133,7 +133,7 @@ def _write_pretrained(dataset: str, folder: Path):
 
 
 def test_pretrained_encoder_is_loaded(multiview, tmp_path):
-    from training.trainers import MultitaskTrainer
+    from orthonet.training.trainers import MultitaskTrainer
     folder = tmp_path / "Pretrain__orthoPlans__3d_fullres"
     expected = _write_pretrained(multiview, folder)
     trainer = MultitaskTrainer(_options(multiview, pretrained=str(folder)))
@@ -150,7 +150,7 @@ def test_pretrained_encoder_is_loaded(multiview, tmp_path):
 
 
 def test_label_fraction_and_splits_are_deterministic(multiview):
-    from training.trainers import DiagTrainer
+    from orthonet.training.trainers import DiagTrainer
     a = DiagTrainer(_options(multiview, task="diag", label_fraction=0.25))
     a.configure_data()
     b = DiagTrainer(_options(multiview, task="diag", label_fraction=0.25))
@@ -165,8 +165,8 @@ def test_label_fraction_and_splits_are_deterministic(multiview):
 
 
 def test_missing_view_at_inference(multiview):
-    from inference.predict_core import LoadedModel, diagnosis_logits
-    from training.trainers import DiagTrainer
+    from orthonet.inference.predict_core import LoadedModel, diagnosis_logits
+    from orthonet.training.trainers import DiagTrainer
     trainer = DiagTrainer(_options(multiview, task="diag"))
     trainer.setup()
     trainer.model.eval()
@@ -196,7 +196,7 @@ def test_ignore_label_is_excluded(env):
         out.CopyInformation(img)
         sitk.WriteImage(out, str(f))
     _plan(953)
-    from training.trainers import SegTrainer
+    from orthonet.training.trainers import SegTrainer
     trainer = SegTrainer(_options("Dataset953_Sparse", task="seg", epochs=1, iterations_per_epoch=3))
     summary = trainer.run()
     assert trainer.model_cfg.num_classes == 3
@@ -206,9 +206,9 @@ def test_ignore_label_is_excluded(env):
 
 def test_resume_after_kill(multiview):
     """Kill a training run mid-way (SIGKILL), resume with --c, and finish with every epoch logged once."""
-    cmd = [sys.executable, "-m", "training.cli", multiview, "3d_fullres", "1", "--task", "seg", "--epochs", "4",
-           "--iterations-per-epoch", "3", "--val-iterations", "1", "--num-workers", "0", "--device", "cpu",
-           "--no-final-validation"]
+    cmd = [sys.executable, "-m", "orthonet.training.cli", multiview, "3d_fullres", "1", "--task", "seg",
+           "--epochs", "4", "--iterations-per-epoch", "3", "--val-iterations", "1", "--num-workers", "0",
+           "--device", "cpu", "--no-final-validation"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = Path(os.environ["ORTHO_results"]) / multiview / "SegTrainer__orthoPlans__3d_fullres" / "fold_1"
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -242,7 +242,7 @@ def test_resume_after_kill(multiview):
 def test_fuse_views_segmentation(multiview):
     """--fuse-views: other views' crops are centred on the segmentation patch in physical space, the cross-view
     bottleneck is trained, and full-volume validation predicts through the same path."""
-    from training.trainers import SegTrainer
+    from orthonet.training.trainers import SegTrainer
     trainer = SegTrainer(_options(multiview, task="seg", fuse_views=True, epochs=1, iterations_per_epoch=2))
     trainer.setup()
     assert trainer.model.cross_view is not None and set(trainer.model_cfg.views) == {"sagittal", "coronal", "axial"}
@@ -265,7 +265,7 @@ def test_fuse_views_segmentation(multiview):
 def test_ddp_two_processes_on_cpu(multiview):
     """ortho_train runs unchanged under torchrun (gloo on CPU): both ranks train, rank 0 writes the results."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
-           "-m", "training.cli", multiview, "3d_fullres", "2", "--task", "seg", "--epochs", "1",
+           "-m", "orthonet.training.cli", multiview, "3d_fullres", "2", "--task", "seg", "--epochs", "1",
            "--iterations-per-epoch", "2", "--val-iterations", "1", "--num-workers", "0", "--device", "cpu",
            "--no-final-validation"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -279,7 +279,7 @@ def test_ddp_two_processes_on_cpu(multiview):
 def test_validation_only_and_loss_weights(multiview):
     """--val reruns only the final validation from the trained weights (same numbers, no training);
     --loss-weights reaches the multitask trainer."""
-    from training.cli import train_main
+    from orthonet.training.cli import train_main
     base = [multiview, "3d_fullres", "3", "--task", "multitask", "--epochs", "1", "--iterations-per-epoch", "2",
             "--val-iterations", "1", "--num-workers", "0", "--device", "cpu", "--loss-weights", "0.5", "2"]
     assert train_main(base) == 0
@@ -292,8 +292,8 @@ def test_validation_only_and_loss_weights(multiview):
     assert (out / "checkpoint_final.pt").stat().st_mtime_ns == stamp
     assert again["segmentation"]["dice"] == first["segmentation"]["dice"]
     assert again["diagnosis"]["auc"] == first["diagnosis"]["auc"]
-    from training.options import TrainOptions
-    from training.trainers import MultitaskTrainer
+    from orthonet.training.options import TrainOptions
+    from orthonet.training.trainers import MultitaskTrainer
     t = MultitaskTrainer(TrainOptions(multiview, "3d_fullres", 3, loss_weights=(0.5, 2.0), device="cpu"))
     assert (t.seg_loss_weight, t.diag_loss_weight) == (0.5, 2.0)
 
@@ -301,7 +301,7 @@ def test_validation_only_and_loss_weights(multiview):
 def test_diffusion_features_trainer_keeps_pretrained_encoders_frozen_and_resumes(multiview, tmp_path):
     """-tr MultitaskTrainerDiffusionFeatures: pretrained encoders load and never change, the pyramid and diagnosis
     heads train, final validation segments through the pyramid head, and --c rebuilds the same optimizer."""
-    from training.trainers import get_trainer_class
+    from orthonet.training.trainers import get_trainer_class
     folder = tmp_path / "Pretrain__orthoPlans__3d_fullres"
     expected = _write_pretrained(multiview, folder)
     cls = get_trainer_class("MultitaskTrainerDiffusionFeatures", "multitask")
@@ -333,7 +333,7 @@ def test_diffusion_features_trainer_keeps_pretrained_encoders_frozen_and_resumes
 
 def test_pyramid_head_segmentation_learns_from_scratch(single_view):
     """Without pretrained weights nothing is frozen and the pyramid-head network learns end to end."""
-    from training.trainers import SegTrainerDiffusionFeatures
+    from orthonet.training.trainers import SegTrainerDiffusionFeatures
     trainer = SegTrainerDiffusionFeatures(_options(single_view, task="seg", epochs=4, iterations_per_epoch=10,
                                                    val_iterations=2, pretrained="none"))
     summary = trainer.run()
@@ -346,7 +346,7 @@ def test_pyramid_head_segmentation_learns_from_scratch(single_view):
 def test_pyramid_trainer_fine_tunes_the_pretrained_encoder(single_view, tmp_path):
     """-tr SegTrainerPyramid: the encoder loads from the denoiser (tensors compared), no decoder is loaded or built,
     and the encoder is fine-tuned at the lower warm-up LR, not frozen."""
-    from training.trainers import SegTrainerPyramid
+    from orthonet.training.trainers import SegTrainerPyramid
     folder = tmp_path / "Pretrain__orthoPlans__3d_fullres"
     expected = _write_pretrained(single_view, folder)["sagittal"]
     trainer = SegTrainerPyramid(_options(single_view, task="seg", fold=3, pretrained=str(folder),
@@ -366,10 +366,10 @@ def test_whole_exam_diagnosis_is_the_default_and_the_centre_crop_model_stays_ava
     """The trainer's batches carry every view's whole volume (stride-padded, with the unpadded sizes), the model
     description says 'whole', and prediction reads whole volumes; ``--diagnosis-input crop`` still trains the old
     centre-crop model (what old checkpoints are)."""
-    from inference.predict_core import LoadedModel, diagnosis_logits
+    from orthonet.inference.predict_core import LoadedModel, diagnosis_logits
     from orthonet.networks.whole_exam import total_stride
     from orthonet.networks.build import network_spec
-    from training.trainers import DiagTrainer, MultitaskTrainer
+    from orthonet.training.trainers import DiagTrainer, MultitaskTrainer
     trainer = DiagTrainer(_options(multiview, task="diag", fusion="gating", feature_t={"*": 100}))
     trainer.setup()
     assert trainer.model_cfg.diagnosis_input == "whole" and trainer.model.checkpoint_encoders

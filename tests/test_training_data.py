@@ -1,7 +1,7 @@
 """Training data: case store, patch sampling, augmentation pipelines, batch loaders and their error reporting.
 
-The preprocessed folder is written directly with ``preprocessing.storage.save_case`` (random images, a blob label
-with -1 border, class locations), so these tests do not depend on the preprocessor.
+The preprocessed folder is written directly with ``orthonet.preprocessing.storage.save_case`` (random images, a blob
+label with -1 border, class locations), so these tests do not depend on the preprocessor.
 """
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ import pytest
 import torch
 
 from orthonet.errors import OrthoError
-from preprocessing import storage
-from training.data import BatchLoader, LoaderError, PreprocessedCaseStore
-from training.data.dataset import read_crop
-from training.data.augmentation import (build_pretraining_transforms, build_training_transforms,
-                                        build_validation_transforms, deep_supervision_scales, initial_patch_size,
-                                        pseudo2d_axis)
-from training.data.factory import make_multiview_loader, make_pretraining_loader, make_seg_loader
-from training.data.sampling import (center_bbox, foreground_bbox, need_to_pad, oversample_this_sample,
-                                    parse_class_locations, random_bbox)
-from training.data.sources import ImageBatchSource, SegBatchSource
+from orthonet.preprocessing import storage
+from orthonet.training.data import BatchLoader, LoaderError, PreprocessedCaseStore
+from orthonet.training.data.dataset import read_crop
+from orthonet.training.data.augmentation import (build_pretraining_transforms, build_training_transforms,
+                                                 build_validation_transforms, deep_supervision_scales,
+                                                 initial_patch_size, pseudo2d_axis)
+from orthonet.training.data.factory import make_multiview_loader, make_pretraining_loader, make_seg_loader
+from orthonet.training.data.sampling import (center_bbox, foreground_bbox, need_to_pad, oversample_this_sample,
+                                             parse_class_locations, random_bbox)
+from orthonet.training.data.sources import ImageBatchSource, SegBatchSource
 
 torch.set_num_threads(1)
 

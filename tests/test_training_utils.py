@@ -18,15 +18,15 @@ from torch import nn
 
 from orthonet import metrics
 from orthonet.errors import OrthoError
-from training import distributed as D
-from training.checkpoint import (apply_checkpoint, capture_rng_state, load_checkpoint, restore_rng_state,
-                                 save_checkpoint)
-from training.losses import (DeepSupervisionLoss, DiceCELoss, MaskedBCEWithLogitsLoss, SoftDiceLoss,
-                             compute_pos_weight, deep_supervision_weights, diffusion_mse_loss)
-from training.progress import ProgressLogger, loss_curve_png, moving_average
-from training.schedules import (cosine_factor, cosine_warmup_schedule, load_scheduler_state, poly_factor,
-                                poly_schedule, split_param_groups, warmup_poly_schedule)
-from training.splits import get_fold, label_fraction_subset, load_or_create_splits, make_splits
+from orthonet.training import distributed as D
+from orthonet.training.checkpoint import (apply_checkpoint, capture_rng_state, load_checkpoint, restore_rng_state,
+                                          save_checkpoint)
+from orthonet.training.losses import (DeepSupervisionLoss, DiceCELoss, MaskedBCEWithLogitsLoss, SoftDiceLoss,
+                                      compute_pos_weight, deep_supervision_weights, diffusion_mse_loss)
+from orthonet.training.progress import ProgressLogger, loss_curve_png, moving_average
+from orthonet.training.schedules import (cosine_factor, cosine_warmup_schedule, load_scheduler_state, poly_factor,
+                                         poly_schedule, split_param_groups, warmup_poly_schedule)
+from orthonet.training.splits import get_fold, label_fraction_subset, load_or_create_splits, make_splits
 
 torch.set_num_threads(1)
 LN2 = math.log(2.0)

@@ -17,10 +17,10 @@ import torch
 
 from orthonet.errors import OrthoError
 from orthonet.synthetic.writer import make_dataset
-from planners.plans import load_plans
-from planners.transfer import orientation_from_name, resolve_view_map
+from orthonet.planners.plans import load_plans
+from orthonet.planners.transfer import orientation_from_name, resolve_view_map
 from tests.predict_helpers import ortho_env
-from training.pretrained import find_pretrained, load_encoder_file, network_hash, pretrain_view_dir
+from orthonet.training.pretrained import find_pretrained, load_encoder_file, network_hash, pretrain_view_dir
 
 KNEE, ANKLE, SHOULDER, RENAMED = "Dataset941_Knee", "Dataset942_Ankle", "Dataset943_Shoulder", "Dataset944_Series"
 #: the renamed shoulder: view names that say nothing about the plane each series is
@@ -29,7 +29,7 @@ VIEWS = ("sagittal", "coronal", "axial")
 
 
 def _plan(*argv: str) -> None:
-    from planners.cli import main
+    from orthonet.planners.cli import main
     assert main(list(argv) + ["-np", "1", "--no-progress", "-c", "3d_fullres"]) == 0
 
 
@@ -65,7 +65,7 @@ def _make_datasets(raw: Path) -> None:
                  slice_mm=12.0)
     _rename_views(raw / SHOULDER, raw / RENAMED)
     _plan("-d", "941", "--base-features", "4")
-    from training.pretrain_cli import pretrain_main
+    from orthonet.training.pretrain_cli import pretrain_main
     assert pretrain_main(["941", "3d_fullres", "--steps", "2", "--save-every", "2", "--num-workers", "0",
                           "--device", "cpu", "--no-progress"]) == 0
     for did in ("942", "943", "944"):
@@ -73,7 +73,7 @@ def _make_datasets(raw: Path) -> None:
 
 
 def _options(dataset: str, **kw):
-    from training.options import TrainOptions
+    from orthonet.training.options import TrainOptions
     base = dict(dataset_name=dataset, configuration="3d_fullres", fold=0, epochs=1, iterations_per_epoch=1,
                 val_iterations=1, num_workers=0, device="cpu", final_validation=False)
     base.update(kw)
@@ -111,7 +111,7 @@ def test_transfer_keeps_the_network_and_clips_the_patch_to_smaller_images(env):
 
 @pytest.mark.parametrize("dataset", [ANKLE, SHOULDER])
 def test_knee_encoders_train_on_the_target_and_run_config_names_each_file(env, dataset):
-    from training.cli import train_main
+    from orthonet.training.cli import train_main
     assert train_main([dataset, "3d_fullres", "0", "--epochs", "1", "--iterations-per-epoch", "2",
                        "--val-iterations", "1", "--num-workers", "0", "--device", "cpu",
                        "--no-final-validation"]) == 0
@@ -155,7 +155,7 @@ def test_headers_win_over_a_misleading_name_and_names_decide_when_headers_cannot
 # pretrained starts: the mapping honoured, every file named, nothing silent
 # ------------------------------------------------------------------------------------------------------------
 def test_a_mapped_transfer_loads_the_source_views_encoders(env):
-    from training.trainers import MultitaskTrainer
+    from orthonet.training.trainers import MultitaskTrainer
     trainer = MultitaskTrainer(_options(RENAMED))
     trainer.setup()
     report = json.loads((trainer.output_dir / "run_config.json").read_text(encoding="utf-8"))["pretrained"]
@@ -185,8 +185,8 @@ def test_transferred_plans_without_source_encoders_are_an_error(env):
 
 
 def test_plain_auto_without_pretraining_trains_from_scratch_and_says_so(env):
-    from planners.plans import save_plans
-    from training.trainers import MultitaskTrainer
+    from orthonet.planners.plans import save_plans
+    from orthonet.training.trainers import MultitaskTrainer
     pre = env / "pre" / SHOULDER
     plain = load_plans(pre)
     plain.update(plans_name="plainPlans", transferred_from=None)
@@ -198,7 +198,7 @@ def test_plain_auto_without_pretraining_trains_from_scratch_and_says_so(env):
 
 
 def test_an_encoder_for_a_view_the_model_lacks_is_an_error(env):
-    from training.trainers import SegTrainer
+    from orthonet.training.trainers import SegTrainer
     trainer = SegTrainer(_options(KNEE, task="seg", pretrained=str(_knee_encoder("axial"))))
     assert trainer.model_views() == ["sagittal"]
     with pytest.raises(OrthoError, match="pretrained for view 'axial', which the model lacks") as err:
@@ -207,7 +207,7 @@ def test_an_encoder_for_a_view_the_model_lacks_is_an_error(env):
 
 
 def test_resuming_keeps_the_record_of_what_was_loaded(env):
-    from training.cli import train_main
+    from orthonet.training.cli import train_main
     base = [ANKLE, "3d_fullres", "1", "--iterations-per-epoch", "1", "--val-iterations", "1", "--num-workers", "0",
             "--device", "cpu", "--no-final-validation"]
     assert train_main(base + ["--epochs", "1"]) == 0

@@ -16,7 +16,7 @@ from orthonet.networks import MultiTaskModel, MultiViewDiagnosisModel, make_test
 from orthonet.networks.fusion import ViewGatingFusion
 from orthonet.networks.mil import GatedAttentionMIL
 from orthonet.networks.whole_exam import diffusion_noise, feature_masks, pad_to_stride, total_stride
-from training.model_factory import ModelConfig
+from orthonet.training.model_factory import ModelConfig
 
 torch.set_num_threads(1)
 
@@ -269,8 +269,8 @@ def test_streaming_mil_pooling_equals_the_direct_pass():
 
 
 def test_feature_t_and_diagnosis_input_options_refuse_bad_values_clearly():
-    from training.cli import parse_feature_t
-    from training.options import TrainOptions
+    from orthonet.training.cli import parse_feature_t
+    from orthonet.training.options import TrainOptions
     assert parse_feature_t("100") == {"*": 100}
     assert parse_feature_t("sagittal=100,coronal=50") == {"sagittal": 100, "coronal": 50}
     assert parse_feature_t(None) is None

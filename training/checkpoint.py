@@ -19,7 +19,7 @@ from torch import nn
 from orthonet.diffusion.ema import unwrap as unwrap_model  # noqa: F401 (one definition, re-exported)
 from orthonet.errors import OrthoError
 from orthonet.fileio import atomic_path
-from training.schedules import load_scheduler_state
+from orthonet.training.schedules import load_scheduler_state
 
 PathLike = Union[str, Path]
 FORMAT_VERSION = 1

@@ -8,8 +8,8 @@ from orthonet.cli_utils import run_cli
 from orthonet.dataset import parse_dataset_json
 from orthonet.errors import OrthoError
 from orthonet.paths import preprocessed_root, resolve_dataset_name
-from training.model_factory import TASKS
-from training.options import DEFAULT_PLANS, TrainOptions
+from orthonet.training.model_factory import TASKS
+from orthonet.training.options import DEFAULT_PLANS, TrainOptions
 
 
 def default_task(dataset_name: str) -> str:
@@ -99,7 +99,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_train_parser().parse_args(argv)
-    from training.trainers import get_trainer_class
+    from orthonet.training.trainers import get_trainer_class
     dataset_name = resolve_dataset_name(args.dataset)
     task = args.task
     if args.trainer is None and task is None:
@@ -124,12 +124,12 @@ train_cli = run_cli(train_main)
 
 
 def pretrain_cli(argv: Optional[Sequence[str]] = None) -> int:
-    from training.pretrain_cli import pretrain_cli as _cli
+    from orthonet.training.pretrain_cli import pretrain_cli as _cli
     return _cli(argv)
 
 
 def sample_cli(argv: Optional[Sequence[str]] = None) -> int:
-    from training.pretrain_cli import sample_cli as _cli
+    from orthonet.training.pretrain_cli import sample_cli as _cli
     return _cli(argv)
 
 

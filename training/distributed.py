@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
@@ -127,27 +128,20 @@ def all_gather_objects(obj) -> List:
     return out
 
 
-class _AllGatherGrad(torch.autograd.Function):
-    """all_gather that lets gradients flow back to each rank's own slice (batch Dice across ranks)."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        gathered = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, tensor.contiguous())
-        return torch.stack(gathered)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        grad = grad_output.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[dist.get_rank()]
-
-
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Stack of ``tensor`` from every rank (world, ...); ``tensor[None]`` outside DDP (and in :func:`local_only`)."""
+    """Stack of ``tensor`` from every rank (world, ...); ``tensor[None]`` outside DDP (and in :func:`local_only`).
+
+    Differentiable: ``torch.distributed.nn.functional.all_gather`` sends each rank's slice of the gradient back
+    (summed over ranks; batch Dice across ranks); it exists in every torch orthonet supports (>= 2.4). Recent torch
+    (2.14) warns that it is deprecated in favour of the private ``torch.distributed._functional_collectives``,
+    whose autograd functions differ between those versions, so that FutureWarning is silenced here."""
     if not _collective():
         return tensor[None]
-    return _AllGatherGrad.apply(tensor)
+    from torch.distributed.nn.functional import all_gather
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                                category=FutureWarning)
+        return torch.stack(all_gather(tensor))
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:

@@ -11,18 +11,18 @@ from typing import TYPE_CHECKING, Dict
 import numpy as np
 from tqdm import tqdm
 
-from inference.diagnoses_table import make_case_diagnoses, write_diagnoses_csv
-from inference.predict_core import LoadedModel, predict_preprocessed_case
+from orthonet.inference.diagnoses_table import make_case_diagnoses, write_diagnoses_csv
+from orthonet.inference.predict_core import LoadedModel, predict_preprocessed_case
 from orthonet.dataset import parse_dataset_json
 from orthonet.fileio import save_json
 from orthonet.imageio import Geometry, read_array, write_image
 from orthonet.metrics import average_precision, dice_per_class, nanmean, roc_auc
 from orthonet.paths import raw_root
-from preprocessing.export import probabilities_to_image, restore_original_geometry
-from training.model_factory import has_diagnosis, has_segmentation
+from orthonet.preprocessing.export import probabilities_to_image, restore_original_geometry
+from orthonet.training.model_factory import has_diagnosis, has_segmentation
 
 if TYPE_CHECKING:  # pragma: no cover
-    from training.trainers.base import BaseTrainer
+    from orthonet.training.trainers.base import BaseTrainer
 
 
 def _reference_label(trainer: "BaseTrainer", case: str, props: Dict, seg_preprocessed) -> np.ndarray:

@@ -27,7 +27,7 @@ class SoftDiceLoss(nn.Module):
     """Memory-efficient soft Dice (nnU-Net's ``MemoryEfficientSoftDiceLoss``) returning ``1 - mean Dice``.
 
     ``batch_dice`` pools the statistics over the batch (and over DDP ranks, gradient-preserving, when ``ddp``;
-    inside :func:`training.distributed.local_only`, e.g. rank 0's validation, over the local batch only);
+    inside :func:`orthonet.training.distributed.local_only`, e.g. rank 0's validation, over the local batch only);
     ``do_bg=False`` leaves the background channel out of the mean. ``loss_mask`` (b, 1, ...) zeroes voxels that
     must not count.
     """
@@ -59,7 +59,7 @@ class SoftDiceLoss(nn.Module):
         sum_pred = probs.sum(axes)
         if self.batch_dice:
             if self.ddp:
-                from training.distributed import all_gather_with_grad
+                from orthonet.training.distributed import all_gather_with_grad
                 intersect = all_gather_with_grad(intersect).flatten(0, 1)
                 sum_pred = all_gather_with_grad(sum_pred).flatten(0, 1)
                 sum_gt = all_gather_with_grad(sum_gt).flatten(0, 1)

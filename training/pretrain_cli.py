@@ -1,7 +1,7 @@
 """``ortho_pretrain`` (self-supervised diffusion pretraining per view) and ``ortho_sample`` (look at what it learned).
 
-Thin wrappers: parse arguments, call :func:`training.trainers.pretrainer.pretrain_views` or draw DDIM samples and
-write them with :mod:`training.sampling_output`. Both run unchanged under ``torchrun --nproc_per_node N``
+Thin wrappers: parse arguments, call :func:`orthonet.training.trainers.pretrainer.pretrain_views` or draw DDIM samples
+and write them with :mod:`orthonet.training.sampling_output`. Both run unchanged under ``torchrun --nproc_per_node N``
 (``ortho_sample`` then simply runs on rank 0 only).
 """
 from __future__ import annotations
@@ -20,12 +20,12 @@ from orthonet.cli_utils import run_cli
 from orthonet.diffusion import PREDICTION_TYPES, ddim_sample
 from orthonet.errors import OrthoError
 from orthonet.paths import preprocessed_dataset_dir, resolve_dataset_name
-from planners.plans import DEFAULT_PLANS_NAME, data_folder, load_plans
-from training import distributed as dist_utils
-from training.runtime import resolve_device
-from training.sampling_output import as_volumes, montage_png, view_spacing_3d, write_sample_volumes
-from training.trainers.pretrainer import (PretrainSettings, load_denoiser_checkpoint, pretrain_checkpoint_path,
-                                          pretrain_views, split_views_arg)
+from orthonet.planners.plans import DEFAULT_PLANS_NAME, data_folder, load_plans
+from orthonet.training import distributed as dist_utils
+from orthonet.training.runtime import resolve_device
+from orthonet.training.sampling_output import as_volumes, montage_png, view_spacing_3d, write_sample_volumes
+from orthonet.training.trainers.pretrainer import (PretrainSettings, load_denoiser_checkpoint, pretrain_checkpoint_path,
+                                                   pretrain_views, split_views_arg)
 
 
 def _positive_int(text: str) -> int:
@@ -144,8 +144,8 @@ class RealViewData:
 
 def real_view_data(preprocessed_dir: Path, plans, view: str, configuration: str, patch, n: int,
                    seed: int) -> RealViewData:
-    from training.data import PreprocessedCaseStore
-    from training.data.sampling import center_bbox
+    from orthonet.training.data import PreprocessedCaseStore
+    from orthonet.training.data.sampling import center_bbox
 
     try:
         store = PreprocessedCaseStore(data_folder(preprocessed_dir, plans, view, configuration), [view])

@@ -4,7 +4,7 @@ Why multiple-instance learning: an exam label ("medial meniscus tear") is about 
 exam; the exam is a bag of feature positions, and gated attention (Ilse et al. 2018) learns which positions carry
 the finding. One head per diagnosis lets each abnormality look at its own anatomy (the ACL notch for ``acl_tear``,
 the collateral ligaments at the stack's edge for ``mcl_injury``), and the heads' weights are the saliency map of that
-diagnosis (drawn by :mod:`inference.explain`).
+diagnosis (drawn by :mod:`orthonet.inference.explain`).
 
 Padding: whole volumes are zero-padded to the encoder's total stride and to the largest exam of a batch; the
 ``mask`` (True = a position that covers real voxels) keeps those positions out of every softmax and maximum, so a

@@ -10,8 +10,8 @@ volume:
 * :func:`run_encoder` runs a DNA encoder stage by stage, optionally with gradient checkpointing per stage: training
   on whole exams keeps only the stage outputs in memory, not every convolution's activations.
 * :func:`encode_tiled` bounds inference memory on large volumes (e.g. 40 x 512 x 512): the encoder runs on
-  overlapping tiles (the sliding-window idea of :mod:`inference.sliding_window`) and each tile contributes the part
-  of the chosen levels' feature maps it "owns" (its centre, away from tile borders), stitched into the whole map.
+  overlapping tiles (the sliding-window idea of :mod:`orthonet.inference.sliding_window`) and each tile contributes
+  the part of the chosen levels' feature maps it "owns" (its centre, away from tile borders), stitched into the whole map.
   Tiles start at multiples of the total stride, so every level's feature grid lines up exactly; the only
   difference from a whole-volume pass is the context each tile sees (and its instance-norm statistics), which
   tests/test_whole_exam.py measures.

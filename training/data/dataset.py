@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from orthonet.errors import OrthoError
-from preprocessing import storage
+from orthonet.preprocessing import storage
 
 PathLike = Union[str, Path]
 Bbox = Sequence[Sequence[int]]
@@ -49,7 +49,7 @@ class CaseArrays:
 class PreprocessedCaseStore:
     """The complete cases of one preprocessed folder (``<preprocessed>/DatasetXXX/<data_identifier>/``).
 
-    A case/view is complete when ``preprocessing.storage.is_complete`` says so (its properties JSON is written
+    A case/view is complete when ``orthonet.preprocessing.storage.is_complete`` says so (its properties JSON is written
     last). ``views`` are the views this run needs; ``segmentation_view`` (or None) holds the label maps.
     """
 

@@ -2,7 +2,7 @@
 
 A configuration entry (``plans['views'][view]['configurations'][config]``) gives the patch size, batch size,
 spacing and network strides; from those we derive the enlarged sampling patch, pseudo-2D augmentation and the
-deep-supervision label pyramid. Every function returns a :class:`~training.data.loader.BatchLoader`; pass
+deep-supervision label pyramid. Every function returns a :class:`~orthonet.training.data.loader.BatchLoader`; pass
 ``num_workers=0`` to run in-process; extra keyword arguments (``start_method``, ``pin_memory``) go to it.
 """
 from __future__ import annotations
@@ -11,17 +11,17 @@ from typing import Dict, List, Optional, Sequence, Set
 
 import numpy as np
 
-from training.data.augmentation import (build_pretraining_transforms, build_training_transforms,
-                                        build_validation_transforms, deep_supervision_scales, initial_patch_size,
-                                        resolve_mirror_axes)
-from training.data.dataset import PreprocessedCaseStore
-from training.data.loader import BatchLoader
-from training.data.sources import ImageBatchSource, MultiviewBatchSource, SegBatchSource
+from orthonet.training.data.augmentation import (build_pretraining_transforms, build_training_transforms,
+                                                 build_validation_transforms, deep_supervision_scales,
+                                                 initial_patch_size, resolve_mirror_axes)
+from orthonet.training.data.dataset import PreprocessedCaseStore
+from orthonet.training.data.loader import BatchLoader
+from orthonet.training.data.sources import ImageBatchSource, MultiviewBatchSource, SegBatchSource
 
 
 def view_configuration(plans: Dict, view: str, configuration: str) -> Dict:
     """The plans entry of one view and configuration, with a clear error when it is missing."""
-    from planners.plans import configuration as plans_configuration
+    from orthonet.planners.plans import configuration as plans_configuration
     return plans_configuration(plans, view, configuration)
 
 
@@ -98,8 +98,8 @@ def make_multiview_loader(store: PreprocessedCaseStore, cases: Sequence[str], pl
     cut only for the segmentation view.
 
     ``fuse_views`` (multitask ``--fuse-views``) adds the other views' crops aligned with the segmentation patch
-    (:class:`~training.data.sources.AlignedContext`) and keeps the segmentation view's augmentation intensity-only,
-    as :func:`make_aligned_views_loader`: a spatial transform would break the physical alignment.
+    (:class:`~orthonet.training.data.sources.AlignedContext`) and keeps the segmentation view's augmentation
+    intensity-only, as :func:`make_aligned_views_loader`: a spatial transform would break the physical alignment.
     """
     from orthonet.networks.build import network_spec
     from orthonet.networks.whole_exam import total_stride
@@ -114,7 +114,7 @@ def make_multiview_loader(store: PreprocessedCaseStore, cases: Sequence[str], pl
     for v in all_views:
         ds = ds_scales_for(cfgs[v]) if (deep_supervision and v == segmentation_view) else None
         if train and fused and v == segmentation_view:
-            from training.data.augmentation import build_intensity_only_transforms
+            from orthonet.training.data.augmentation import build_intensity_only_transforms
             samples[v] = patches[v]
             transforms[v] = build_intensity_only_transforms(ds, padding_label)
         elif train and v in light_augmentation_views and v != segmentation_view:
@@ -171,8 +171,8 @@ def make_aligned_views_loader(store: PreprocessedCaseStore, cases: Sequence[str]
     Training uses intensity augmentation only (spatial transforms would break the alignment); validation uses
     foreground-oversampled patches without augmentation, as :func:`make_seg_loader`.
     """
-    from training.data.augmentation import build_intensity_only_transforms
-    from training.data.sources import AlignedViewsBatchSource
+    from orthonet.training.data.augmentation import build_intensity_only_transforms
+    from orthonet.training.data.sources import AlignedViewsBatchSource
     cfg = view_configuration(plans, segmentation_view, configuration)
     patch = [int(p) for p in cfg["patch_size"]]
     others = {v: [int(p) for p in view_configuration(plans, v, configuration)["patch_size"]]

@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from orthonet.errors import OrthoError
-from training.data.sources import BatchSource, LoadTracker
+from orthonet.training.data.sources import BatchSource, LoadTracker
 
 
 class LoaderError(OrthoError):

@@ -1,7 +1,7 @@
 """Batch sources: how one batch is made (which cases, which patches, which transforms).
 
 A source is a plain, picklable object with ``make_batch(index, rng, tracker) -> dict``; the loader
-(:mod:`training.data.loader`) runs it in-process or in worker processes. Three kinds:
+(:mod:`orthonet.training.data.loader`) runs it in-process or in worker processes. Three kinds:
 
 * :class:`SegBatchSource` — one view's patch + label map (segmentation training), foreground oversampling.
 * :class:`MultiviewBatchSource` — per case one patch per view (dict keyed by view, each view its own patch
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from orthonet.errors import OrthoError
-from training.data.dataset import PreprocessedCaseStore
-from training.data.sampling import (center_bbox, foreground_bbox, need_to_pad, oversample_this_sample,
-                                    parse_class_locations, random_bbox)
+from orthonet.training.data.dataset import PreprocessedCaseStore
+from orthonet.training.data.sampling import (center_bbox, foreground_bbox, need_to_pad, oversample_this_sample,
+                                             parse_class_locations, random_bbox)
 
 
 class LoadTracker:
@@ -218,7 +218,7 @@ class AlignedContext:
         """One sample: the segmentation patch ``bbox`` of an array with ``seg_properties`` (None: no patch)."""
         from orthonet.networks.cross_view import EMPTY_EXTENT, crop_extent, patch_affine, \
             preprocessed_index_to_physical
-        from training.data.sampling import aligned_bbox, patch_center_physical
+        from orthonet.training.data.sampling import aligned_bbox, patch_center_physical
         center, seg_patch = None, np.eye(4)
         if bbox is not None and seg_properties is not None:
             seg_affine = preprocessed_index_to_physical(seg_properties)
@@ -454,7 +454,7 @@ class AlignedViewsBatchSource(SegBatchSource):
     point, and every crop's index->physical affine and image extent (``--fuse-views``, see :class:`AlignedContext`).
 
     Spatial augmentation would break the physical correspondence between the views, so the transforms given here
-    must be intensity-only (see :func:`training.data.augmentation.build_intensity_only_transforms`).
+    must be intensity-only (see :func:`orthonet.training.data.augmentation.build_intensity_only_transforms`).
     Batch: ``data`` (segmentation view), ``target``, ``context`` {view: (B, C, *patch)}, ``present`` {view: (B,)},
     ``affines`` {view: (B, 4, 4) float64, the segmentation view included}, ``extents`` {view: (B, 3, 2)}, ``keys``.
     """

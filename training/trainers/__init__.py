@@ -6,13 +6,13 @@ import importlib
 from typing import Dict, Optional, Type
 
 from orthonet.errors import OrthoError
-from training.trainers.base import BaseTrainer
-from training.trainers.diagnosis import DiagTrainer
-from training.trainers.diffusion_features import (DiagTrainerDiffusionFeatures, MultitaskTrainerDiffusionFeatures,
-                                                  MultitaskTrainerPyramid, SegTrainerDiffusionFeatures,
-                                                  SegTrainerPyramid)
-from training.trainers.multitask import MultitaskTrainer
-from training.trainers.segmentation import SegTrainer
+from orthonet.training.trainers.base import BaseTrainer
+from orthonet.training.trainers.diagnosis import DiagTrainer
+from orthonet.training.trainers.diffusion_features import (DiagTrainerDiffusionFeatures,
+                                                           MultitaskTrainerDiffusionFeatures, MultitaskTrainerPyramid,
+                                                           SegTrainerDiffusionFeatures, SegTrainerPyramid)
+from orthonet.training.trainers.multitask import MultitaskTrainer
+from orthonet.training.trainers.segmentation import SegTrainer
 
 TRAINERS: Dict[str, Type[BaseTrainer]] = {}
 DEFAULT_TRAINER_FOR_TASK = {"seg": "SegTrainer", "diag": "DiagTrainer", "multitask": "MultitaskTrainer"}

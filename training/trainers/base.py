@@ -1,7 +1,7 @@
 """The training loop every orthonet task shares, composed of small replaceable parts.
 
 A trainer is configured from plans.json (patch, batch, network), dataset.json (labels, diagnoses) and the run's
-:class:`~training.options.TrainOptions`. Everything a user may want to change is one overridable method or one
+:class:`~orthonet.training.options.TrainOptions`. Everything a user may want to change is one overridable method or one
 class attribute: subclass :class:`SegTrainer` and set ``num_epochs = 300``, or override ``build_loss`` — and pass
 the subclass with ``-tr``. The parts themselves live in their own modules (data loaders, losses, schedules,
 checkpoints, progress logging, distributed helpers); this file only wires them together.
@@ -23,18 +23,18 @@ from orthonet.errors import OrthoError
 from orthonet.fileio import load_json, save_json
 from orthonet.networks import load_pretrained_decoder, load_pretrained_encoder
 from orthonet.paths import preprocessed_root, raw_root
-from training import distributed as dist
-from training.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
-from training.data.dataset import PreprocessedCaseStore
+from orthonet.training import distributed as dist
+from orthonet.training.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
+from orthonet.training.data.dataset import PreprocessedCaseStore
 from orthonet.networks.heads import WHOLE_EXAM_POOLING
-from training.data.factory import training_mirror_axes
-from training.model_factory import ModelConfig, build_model, views_for
-from training.options import TrainOptions, fold_dir_name, model_dir, model_folder_name
-from training.pretrained import PretrainedSource, find_pretrained, load_encoder_file, network_hash
-from training.progress import ProgressLogger
-from training.runtime import autocast, default_num_workers, memory_format_for, resolve_device, seed_everything
-from training.schedules import scheduler_step, split_param_groups, warmup_poly_schedule
-from training.splits import get_fold, label_fraction_subset, load_or_create_splits
+from orthonet.training.data.factory import training_mirror_axes
+from orthonet.training.model_factory import ModelConfig, build_model, views_for
+from orthonet.training.options import TrainOptions, fold_dir_name, model_dir, model_folder_name
+from orthonet.training.pretrained import PretrainedSource, find_pretrained, load_encoder_file, network_hash
+from orthonet.training.progress import ProgressLogger
+from orthonet.training.runtime import autocast, default_num_workers, memory_format_for, resolve_device, seed_everything
+from orthonet.training.schedules import scheduler_step, split_param_groups, warmup_poly_schedule
+from orthonet.training.splits import get_fold, label_fraction_subset, load_or_create_splits
 
 
 class BaseTrainer:
@@ -324,7 +324,7 @@ class BaseTrainer:
         raise NotImplementedError
 
     def final_validation(self) -> Dict:
-        from training.final_validation import run_final_validation
+        from orthonet.training.final_validation import run_final_validation
         return run_final_validation(self)
 
     # ==================================================================================================

@@ -16,13 +16,13 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 import torch
 
-from training import distributed as dist
-from training.data.factory import make_multiview_loader
-from training.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
-from training.online_eval import DiagnosisCollector
-from training.options import check_fuse_views
-from training.runtime import autocast
-from training.trainers.base import BaseTrainer
+from orthonet.training import distributed as dist
+from orthonet.training.data.factory import make_multiview_loader
+from orthonet.training.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
+from orthonet.training.online_eval import DiagnosisCollector
+from orthonet.training.options import check_fuse_views
+from orthonet.training.runtime import autocast
+from orthonet.training.trainers.base import BaseTrainer
 
 
 class DiagTrainer(BaseTrainer):
@@ -59,7 +59,7 @@ class DiagTrainer(BaseTrainer):
         return [c for c in val if c in self.diagnoses and not np.all(np.isnan(self.diagnoses[c]))]
 
     def build_optimizer(self, model, pretrained_names):
-        from training.schedules import split_param_groups, warmup_poly_schedule
+        from orthonet.training.schedules import split_param_groups, warmup_poly_schedule
         groups = split_param_groups(model, pretrained_names)
         optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, weight_decay=self.weight_decay)
         warmup = max(1, int(round(self.warmup_fraction * self.total_steps()))) if pretrained_names else 0

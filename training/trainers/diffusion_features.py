@@ -17,9 +17,9 @@ baseline. Pick one with ``-tr``, e.g. ``ortho_train 101 3d_fullres 0 -tr SegTrai
 """
 from __future__ import annotations
 
-from training.trainers.diagnosis import DiagTrainer
-from training.trainers.multitask import MultitaskTrainer
-from training.trainers.segmentation import SegTrainer
+from orthonet.training.trainers.diagnosis import DiagTrainer
+from orthonet.training.trainers.multitask import MultitaskTrainer
+from orthonet.training.trainers.segmentation import SegTrainer
 
 
 class SegTrainerPyramid(SegTrainer):

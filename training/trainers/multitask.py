@@ -7,10 +7,10 @@ from typing import Dict, List, Sequence, Set, Tuple
 import numpy as np
 import torch
 
-from training import distributed as dist
-from training.online_eval import DiagnosisCollector, SegmentationCounts
-from training.trainers.diagnosis import DiagTrainer
-from training.trainers.segmentation import SegTrainer
+from orthonet.training import distributed as dist
+from orthonet.training.online_eval import DiagnosisCollector, SegmentationCounts
+from orthonet.training.trainers.diagnosis import DiagTrainer
+from orthonet.training.trainers.segmentation import SegTrainer
 
 
 class MultitaskTrainer(DiagTrainer):

@@ -32,17 +32,17 @@ from orthonet.errors import OrthoError
 from orthonet.logging_utils import get_logger
 from orthonet.networks import DiffusionUNet, network_spec
 from orthonet.paths import preprocessed_dataset_dir, resolve_dataset_name
-from planners.plans import DEFAULT_PLANS_NAME, data_folder, load_plans
-from training import distributed as dist_utils
-from training.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
-from training.data import BatchLoader, PreprocessedCaseStore
-from training.data.factory import make_pretraining_loader
-from training.pretrained import network_hash, pretrain_view_dir, save_encoder_file
-from training.progress import loss_curve_png
-from training.runtime import autocast, default_num_workers, memory_format_for, seed_everything
+from orthonet.planners.plans import DEFAULT_PLANS_NAME, data_folder, load_plans
+from orthonet.training import distributed as dist_utils
+from orthonet.training.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
+from orthonet.training.data import BatchLoader, PreprocessedCaseStore
+from orthonet.training.data.factory import make_pretraining_loader
+from orthonet.training.pretrained import network_hash, pretrain_view_dir, save_encoder_file
+from orthonet.training.progress import loss_curve_png
+from orthonet.training.runtime import autocast, default_num_workers, memory_format_for, seed_everything
 from torch.optim.lr_scheduler import LambdaLR
 
-from training.schedules import cosine_warmup_schedule
+from orthonet.training.schedules import cosine_warmup_schedule
 
 PathLike = Union[str, Path]
 CHECKPOINT_KIND = "orthonet-diffusion-pretraining"
@@ -59,7 +59,7 @@ class PretrainSettings:
     """Everything that shapes a pretraining run besides the plan (stored in every checkpoint).
 
     ``lr`` is the single-process learning rate; under DDP it is scaled by ``lr_scaling`` ('sqrt' by default, see
-    :func:`training.distributed.scale_lr`) because the effective batch grows with the number of ranks.
+    :func:`orthonet.training.distributed.scale_lr`) because the effective batch grows with the number of ranks.
     ``batch_size`` is per rank (None: the plan's batch size).
     """
 
@@ -78,7 +78,7 @@ class PretrainSettings:
     feature_timestep: int = DEFAULT_T  # encoder.pt folds the FiLM at this t
     save_every: int = 500
     log_every: int = 50
-    num_workers: Optional[int] = None  # None: training.runtime.default_num_workers()
+    num_workers: Optional[int] = None  # None: orthonet.training.runtime.default_num_workers()
     seed: int = 12345
     mirror_axes: Optional[List[int]] = None   # None: every spatial axis
     patch_size: Optional[List[int]] = None    # None: the plan's; smaller patches make CPU pretraining affordable

@@ -5,11 +5,11 @@ from typing import Dict, List, Sequence, Set, Tuple
 
 import torch
 
-from training.data.factory import make_aligned_views_loader, make_seg_loader
-from training.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
-from training.online_eval import SegmentationCounts
-from training.trainers.base import BaseTrainer
-from training import distributed as dist
+from orthonet.training.data.factory import make_aligned_views_loader, make_seg_loader
+from orthonet.training.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
+from orthonet.training.online_eval import SegmentationCounts
+from orthonet.training.trainers.base import BaseTrainer
+from orthonet.training import distributed as dist
 
 
 class SegTrainer(BaseTrainer):
@@ -92,5 +92,5 @@ class SegTrainer(BaseTrainer):
         return {"val_loss": sum(losses) / max(1, len(losses)), "dice": dice, "mean_dice": mean, "score": mean}
 
     def _autocast(self):
-        from training.runtime import autocast
+        from orthonet.training.runtime import autocast
         return autocast(self.device)
