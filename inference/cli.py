@@ -42,6 +42,9 @@ def build_predict_parser() -> argparse.ArgumentParser:
                    help="no mirroring test-time augmentation (up to 8x faster; with it, each view is mirrored only "
                         "along the axes its training augmentation mirrored)")
     p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--tile-batch", type=int, default=0,
+                   help="sliding-window tiles per forward pass (default 0: 1 on CPU, 4 on CUDA; more uses more GPU "
+                        "memory, same result)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: CUDA when available)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write the softmax probabilities ({CASE}_{VIEW}.npz + .json with the geometry)")
@@ -61,12 +64,15 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_predict_parser().parse_args(argv)
     if not 0 < args.step_size <= 1:
         raise OrthoError(f"--step-size must be in (0, 1], got {args.step_size}")
+    if args.tile_batch < 0:
+        raise OrthoError(f"--tile-batch must be 0 (automatic) or more, got {args.tile_batch}")
     if args.num_processes_preprocessing < 0:
         raise OrthoError("-npp must be 0 or more")
     predictor = Predictor.from_dataset(
         args.dataset, args.configuration, args.trainer, args.folds, args.plans, args.checkpoint, args.model_folder,
         args.device, tta=not args.disable_tta, step_size=args.step_size, save_probabilities=args.save_probabilities,
         explain=args.explain, num_processes=args.num_processes_preprocessing, overview=not args.no_overview,
+        tile_batch=args.tile_batch,
         progress=not args.no_progress)
     run = predictor.predict_folder(args.input, args.output)
     return 0 if run.num_predicted > 0 else 1

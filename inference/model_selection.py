@@ -32,6 +32,9 @@ DEFAULT_CHECKPOINT = "checkpoint_final.pt"
 #: The default trainer of each task (kept in sync with orthonet.training.trainers.DEFAULT_TRAINER_FOR_TASK, not imported
 #: so that choosing a model does not import the training stack).
 DEFAULT_TRAINER_FOR_TASK = {"seg": "SegTrainer", "diag": "DiagTrainer", "multitask": "MultitaskTrainer"}
+#: ... and the default ``ortho_train`` picks when pretrained encoders are loaded (DEFAULT_TRAINER_WITH_PRETRAINING).
+DEFAULT_TRAINER_WITH_PRETRAINING = {"seg": "SegTrainerPyramid", "diag": "DiagTrainer",
+                                    "multitask": "MultitaskTrainerPyramid"}
 ROLES = ("seg", "diag")
 _FOLD_RE = re.compile(r"^fold_(\d+|all)$")
 
@@ -245,14 +248,35 @@ def resolve_models(dataset: Union[int, str, None] = None, configuration: Optiona
     explicit = any(x is not None for x in (configuration, trainer, plans_name)) or bool(folds)
     if not explicit and instructions_path(name).is_file():
         return _selection_from_instructions(name, instructions_path(name), checkpoint)
+    suffix = f"__{plans_name or DEFAULT_PLANS}__{configuration or DEFAULT_CONFIGURATION}"
     if trainer is None:
-        trainer = DEFAULT_TRAINER_FOR_TASK[dataset_task(find_dataset_spec(name))]
-    folder_name = trainer if "__" in trainer else \
-        f"{trainer}__{plans_name or DEFAULT_PLANS}__{configuration or DEFAULT_CONFIGURATION}"
-    folder, found_note = _trained_variant(results_dir, folder_name, folds, checkpoint)
+        folder, found_note = _default_trainer_folder(results_dir, dataset_task(find_dataset_spec(name)), suffix,
+                                                     folds, checkpoint)
+    else:
+        folder, found_note = _trained_variant(results_dir, trainer if "__" in trainer else trainer + suffix, folds,
+                                              checkpoint)
     spec = ModelSpec(folder, _check_folds(folder, folds, checkpoint), checkpoint)
     thresholds, notes = _thresholds_for(name, spec)
     return ModelSelection(name, [spec], thresholds, "explicit" if explicit else "default", found_note + notes)
+
+
+def _default_trainer_folder(results_dir: Path, task: str, suffix: str, folds: Optional[Sequence[Union[int, str]]],
+                            checkpoint: str) -> Tuple[Path, List[str]]:
+    """The model ``ortho_train`` wrote without ``-tr``: the plain default trainer's folder or the pyramid one it
+    uses with pretrained encoders (or their only trained variant). Both trained: the user says which."""
+    names = list(dict.fromkeys([DEFAULT_TRAINER_FOR_TASK[task], DEFAULT_TRAINER_WITH_PRETRAINING[task]]))
+    found = []
+    for name in names:
+        folder, note = _trained_variant(results_dir, name + suffix, folds, checkpoint)
+        if folder.is_dir() and available_folds(folder, checkpoint):
+            found.append((folder, note))
+    if len(found) > 1:
+        raise OrthoError(f"the default trainers of this task were both trained: {', '.join(f.name for f, _ in found)}",
+                         results_dir, fix="pick one with -tr (or run ortho_find_best_configuration, which compares "
+                                          "them and writes inference_instructions.json)")
+    if found:
+        return found[0]
+    return _trained_variant(results_dir, names[0] + suffix, folds, checkpoint)
 
 
 def _trained_variant(results_dir: Path, folder_name: str, folds: Optional[Sequence[Union[int, str]]],

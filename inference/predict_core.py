@@ -23,7 +23,7 @@ from orthonet.fileio import load_json
 from orthonet.training.checkpoint import load_checkpoint
 from orthonet.training.data.sampling import center_bbox
 from orthonet.training.model_factory import ModelConfig, build_model, has_diagnosis, has_segmentation
-from orthonet.training.runtime import autocast
+from orthonet.training.runtime import autocast, memory_format_for
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -73,7 +73,9 @@ def load_trained_model(fold_dir: Union[str, Path], device: torch.device,
     cfg = ModelConfig.from_dict(extra["model_config"])
     model = build_model(plans, cfg)
     model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
+    # channels_last(_3d) on CUDA as in training (cuDNN's fast convolution layout); contiguous on the CPU
+    spatial = len(next(iter(plans["views"].values()))["configurations"][cfg.configuration]["patch_size"])
+    model.to(device, memory_format=memory_format_for(spatial + 2, device)).eval()
     return LoadedModel(model, cfg, plans, fold_dir, device)
 
 
@@ -83,8 +85,9 @@ def _as_tensor(x: ArrayLike) -> torch.Tensor:
 
 def _segment_fn(model: nn.Module, device: torch.device):
     def predict(patch: torch.Tensor) -> torch.Tensor:
+        x = patch.to(device).contiguous(memory_format=memory_format_for(patch.ndim, device))
         with torch.no_grad(), autocast(device):
-            out = model.segment(patch.to(device)) if hasattr(model, "segment") else model(patch.to(device))
+            out = model.segment(x) if hasattr(model, "segment") else model(x)
         if isinstance(out, (list, tuple)):      # deep supervision: full resolution first
             out = out[0]
         return out.float()
@@ -133,14 +136,17 @@ def _fused_segment_fn(loaded: LoadedModel, context: Mapping[str, ArrayLike],
 def segmentation_logits(loaded: LoadedModel, data: ArrayLike, mirror_axes: Sequence[int] = (0, 1, 2),
                         step_size: float = 0.5, progress: bool = False,
                         context: Optional[Mapping[str, ArrayLike]] = None,
-                        properties_by_view: Optional[Mapping[str, Dict]] = None) -> torch.Tensor:
+                        properties_by_view: Optional[Mapping[str, Dict]] = None,
+                        tile_batch: int = 0) -> torch.Tensor:
     """Sliding-window (Gaussian-weighted, step 0.5) logits (K, *shape) of the segmentation view's preprocessed
     image (C, *shape), averaged over mirrorings along those of ``mirror_axes`` that the model allows
     (:meth:`LoadedModel.mirror_axes`; ``()`` turns TTA off).
 
     ``--fuse-views`` models also need the other views' preprocessed arrays (``context``) and every view's
     preprocessing properties; mirroring is not applied to them (a flip would break the physical alignment).
+    ``tile_batch`` tiles go through the network at once (0: :func:`default_tile_batch` for the device).
     """
+    batch = int(tile_batch) or default_tile_batch(loaded.device)
     cfg = loaded.config
     view = cfg.segmentation_view
     patch = loaded.patch_size(view)
@@ -150,10 +156,16 @@ def segmentation_logits(loaded: LoadedModel, data: ArrayLike, mirror_axes: Seque
             raise OrthoError("this model fuses views: segmentation needs the other views and their properties")
         fn = _fused_segment_fn(loaded, context, properties_by_view)
         return sliding_window_predict(fn, image, patch, cfg.num_classes, step_size=step_size,
-                                      device=loaded.device, progress=progress, pass_offsets=True)
+                                      device=loaded.device, progress=progress, pass_offsets=True, batch_size=batch)
     fn = make_tta_predictor(_segment_fn(loaded.model, loaded.device), loaded.mirror_axes(view, mirror_axes))
     return sliding_window_predict(fn, image, patch, cfg.num_classes, step_size=step_size, device=loaded.device,
-                                  progress=progress)
+                                  progress=progress, batch_size=batch)
+
+
+def default_tile_batch(device: torch.device) -> int:
+    """Tiles per forward pass: 1 on the CPU (a bigger batch only adds memory there; the cores are busy with one
+    tile), 4 on a GPU (one tile rarely fills it; nnU-Net's one-tile loop leaves it idle between launches)."""
+    return 4 if torch.device(device).type == "cuda" else 1
 
 
 def center_crop(data: ArrayLike, patch: Sequence[int]) -> torch.Tensor:
@@ -221,7 +233,7 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 def predict_preprocessed_case(models: Sequence[LoadedModel], data_by_view: Mapping[str, ArrayLike],
                               mirror_axes: Sequence[int] = (0, 1, 2), step_size: float = 0.5,
                               progress: bool = False, properties_by_view: Optional[Mapping[str, Dict]] = None,
-                              segmentation: bool = True, diagnosis: bool = True) -> Dict:
+                              segmentation: bool = True, diagnosis: bool = True, tile_batch: int = 0) -> Dict:
     """Ensemble prediction of one preprocessed case over ``models`` (e.g. folds).
 
     Returns ``{'seg_probabilities': (K, *shape) tensor or None, 'diag_probabilities': (n_models, D) array or None}``;
@@ -234,7 +246,8 @@ def predict_preprocessed_case(models: Sequence[LoadedModel], data_by_view: Mappi
     for m in models:
         if segmentation and has_segmentation(m.config) and seg_view in data_by_view:
             logits = segmentation_logits(m, data_by_view[seg_view], mirror_axes, step_size, progress,
-                                         context=data_by_view, properties_by_view=properties_by_view)
+                                         context=data_by_view, properties_by_view=properties_by_view,
+                                         tile_batch=tile_batch)
             probs = torch.softmax(logits, 0)
             seg_sum = probs if seg_sum is None else seg_sum + probs
             n_seg += 1

@@ -74,6 +74,7 @@ class PredictionSettings:
     explain_method: str = "hirescam"    # hirescam | gradcam
     explain_levels: str = "finest"      # finest | all (encoder levels the diagnosis head pools)
     num_processes: int = 1              # background threads reading/preprocessing the next cases (0: inline)
+    tile_batch: int = 0                 # sliding-window tiles per forward pass (0: 1 on CPU, 4 on CUDA)
     overview: bool = True               # {CASE}_overview.png
     progress: bool = True
 
@@ -263,7 +264,8 @@ class Predictor:
             if self.segmentation_view in p.views:
                 seg_result = predict_preprocessed_case(
                     seg.models, p.data_by_view(), self.settings.mirror_axes, self.settings.step_size,
-                    properties_by_view=p.properties_by_view(), segmentation=True, diagnosis=shared)
+                    properties_by_view=p.properties_by_view(), segmentation=True, diagnosis=shared,
+                    tile_batch=self.settings.tile_batch)
             elif not any("segmentation" in x for x in case.problems + pred.problems):
                 pred.notes.append(f"no segmentation: the segmentation view '{self.segmentation_view}' is not "
                                   f"available")

@@ -208,3 +208,20 @@ def test_prediction_finds_the_only_trained_variant_and_lists_several(fake_result
     assert "__scratch" in str(err.value) and "__lf0.1" in str(err.value)
     # the exact folder still wins over its variants
     assert resolve_models(972, trainer="DiagTrainer", folds=[0]).models[0].name == "DiagTrainer__orthoPlans__3d_fullres"
+
+
+def test_prediction_finds_the_default_trainer_ortho_train_chose(fake_results):
+    """Without -tr, ``ortho_train`` trains the pyramid variant when pretrained encoders load: ``ortho_predict``
+    without -tr finds whichever of the two defaults was trained, and asks when both were."""
+    from orthonet.inference.model_selection import resolve_models
+    results = fake_results["results"]
+    _write_model(results, "MultitaskTrainerPyramid__orthoPlans__3d_lowres", "multitask", dice=0.7)
+    sel = resolve_models(972, configuration="3d_lowres", folds=[0])
+    assert [m.name for m in sel.models] == ["MultitaskTrainerPyramid__orthoPlans__3d_lowres"]
+    assert resolve_models(972, configuration="3d_fullres").models[0].name == "MultitaskTrainer__orthoPlans__3d_fullres"
+    _write_model(results, "MultitaskTrainer__orthoPlans__3d_lowres", "multitask", dice=0.6)
+    with pytest.raises(OrthoError) as err:
+        resolve_models(972, configuration="3d_lowres", folds=[0])
+    assert "MultitaskTrainerPyramid__orthoPlans__3d_lowres" in str(err.value) and "-tr" in str(err.value)
+    assert resolve_models(972, configuration="3d_lowres", trainer="MultitaskTrainer").models[0].name == \
+        "MultitaskTrainer__orthoPlans__3d_lowres"

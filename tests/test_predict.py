@@ -217,7 +217,7 @@ def _read_views(raw: Path, case: str):
     return {v: sitk.ReadImage(str(raw / "imagesTs" / f"{case}_{v}_0000.nii.gz")) for v in VIEWS}
 
 
-def test_ensemble_is_the_mean_of_the_folds_and_tta_keeps_shapes(models):
+def test_ensemble_is_the_mean_of_the_folds_and_tta_keeps_shapes(models, monkeypatch):
     from orthonet.inference import Predictor, predict_images
     from orthonet.imageio import Geometry
     views = _read_views(models["raw"], "test000")
@@ -245,6 +245,18 @@ def test_ensemble_is_the_mean_of_the_folds_and_tta_keeps_shapes(models):
     np.testing.assert_allclose(tta.probabilities.sum(0), 1.0, atol=1e-4)
     assert np.abs(tta.probabilities - one.probabilities).max() > 1e-4
     assert set(tta.diagnoses.probabilities) == set(one.diagnoses.probabilities)
+    # several sliding-window tiles per forward pass (--tile-batch; the GPU default) change nothing, TTA included
+    from orthonet.inference import predict_core
+    seen = []
+
+    def recording(fn, *args, **kwargs):
+        seen.append(kwargs["batch_size"])
+        return sliding(fn, *args, **kwargs)
+    sliding = predict_core.sliding_window_predict
+    batched = Predictor.from_dataset(models["id"], folds=[0], **{**kw, "tta": True, "tile_batch": 3})
+    monkeypatch.setattr(predict_core, "sliding_window_predict", recording)
+    np.testing.assert_allclose(batched.predict_images(views, "test000").probabilities, tta.probabilities, atol=1e-5)
+    assert seen == [3]
 
 
 def test_dicom_series_predicts_like_its_nifti(models, tmp_path):

@@ -400,3 +400,34 @@ def test_whole_exam_diagnosis_is_the_default_and_the_centre_crop_model_stays_ava
     old = DiagTrainer(_options(multiview, task="diag", diagnosis_input="crop"))
     old.setup()
     assert old.model_cfg.diagnosis_input == "crop" and not old.model.whole_exam
+
+
+def test_compile_option_trains_through_torch_compile_and_saves_plain_weights(single_view, monkeypatch):
+    """``ortho_train --compile``: the step runs through the torch.compile wrapper (the eager backend keeps this
+    test free of a C++ toolchain), the same parameters are optimised, and the checkpoint keys are the plain model's
+    (no ``_orig_mod.`` prefix), so prediction and fine-tuning load them as always."""
+    from orthonet.training.trainers import SegTrainer
+    monkeypatch.setenv("ORTHO_COMPILE_BACKEND", "eager")
+    trainer = SegTrainer(_options(single_view, task="seg", fold=1, compile=True))
+    trainer.run()
+    assert type(trainer.network).__name__ == "OptimizedModule" and trainer.network._orig_mod is trainer.model
+    assert "torch.compile (backend eager)" in (trainer.output_dir / "log.txt").read_text(encoding="utf-8")
+    ckpt = torch.load(trainer.output_dir / "checkpoint_final.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert json.loads((trainer.output_dir / "run_config.json").read_text(encoding="utf-8"))["options"]["compile"]
+
+
+def test_default_trainer_is_the_pyramid_head_when_pretrained_encoders_load(multiview, tmp_path, capsys):
+    """Without -tr, ``ortho_train`` picks the head the label-efficiency benchmark shows profiting from pretraining
+    (the pyramid) when encoders will be loaded, and the nnU-Net-style U-Net otherwise; it says which and why."""
+    from orthonet.training.cli import default_trainer
+    folder = tmp_path / "Pretrain__orthoPlans__3d_fullres"
+    _write_pretrained(multiview, folder)
+    name, why = default_trainer("multitask", multiview, "3d_fullres", "orthoPlans", str(folder))
+    assert name == "MultitaskTrainerPyramid" and "pretrained encoders" in why and str(folder.name) in why
+    assert default_trainer("seg", multiview, "3d_fullres", "orthoPlans", str(folder))[0] == "SegTrainerPyramid"
+    assert default_trainer("diag", multiview, "3d_fullres", "orthoPlans", str(folder))[0] == "DiagTrainer"
+    assert default_trainer("multitask", multiview, "3d_fullres", "orthoPlans", "none") == (
+        "MultitaskTrainer", "the default without pretrained encoders (--pretrained none)")
+    name, why = default_trainer("seg", multiview, "3d_fullres", "orthoPlans", "auto")   # nothing pretrained here
+    assert name == "SegTrainer" and "none found" in why

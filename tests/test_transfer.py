@@ -115,7 +115,7 @@ def test_knee_encoders_train_on_the_target_and_run_config_names_each_file(env, d
     assert train_main([dataset, "3d_fullres", "0", "--epochs", "1", "--iterations-per-epoch", "2",
                        "--val-iterations", "1", "--num-workers", "0", "--device", "cpu",
                        "--no-final-validation"]) == 0
-    run = env / "res" / dataset / "MultitaskTrainer__orthoPlans__3d_fullres" / "fold_0"
+    run = env / "res" / dataset / "MultitaskTrainerPyramid__orthoPlans__3d_fullres" / "fold_0"  # default with encoders
     report = json.loads((run / "run_config.json").read_text(encoding="utf-8"))["pretrained"]
     assert report["start"] == "pretrained" and report["scratch_views"] == []
     for view in VIEWS:
@@ -212,7 +212,7 @@ def test_resuming_keeps_the_record_of_what_was_loaded(env):
             "--device", "cpu", "--no-final-validation"]
     assert train_main(base + ["--epochs", "1"]) == 0
     assert train_main(base + ["--epochs", "2", "--c"]) == 0
-    run = env / "res" / ANKLE / "MultitaskTrainer__orthoPlans__3d_fullres" / "fold_1"
+    run = env / "res" / ANKLE / "MultitaskTrainerPyramid__orthoPlans__3d_fullres" / "fold_1"
     report = json.loads((run / "run_config.json").read_text(encoding="utf-8"))["pretrained"]
     assert report["start"] == "pretrained"
     assert {v: e["file"] for v, e in report["views"].items()} == {v: str(_knee_encoder(v)) for v in VIEWS}

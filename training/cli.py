@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from orthonet.cli_utils import run_cli
 from orthonet.dataset import parse_dataset_json
@@ -10,6 +10,27 @@ from orthonet.errors import OrthoError
 from orthonet.paths import preprocessed_root, resolve_dataset_name
 from orthonet.training.model_factory import TASKS
 from orthonet.training.options import DEFAULT_PLANS, TrainOptions
+
+
+def default_trainer(task: str, dataset_name: str, configuration: str, plans_name: str, pretrained: str
+                    ) -> Tuple[str, str]:
+    """The trainer ``ortho_train`` uses without ``-tr``, and why: the pyramid-head variant of the task's trainer
+    when pretrained encoders will be loaded (where the benchmark shows them paying off), else the plain nnU-Net-style
+    one. ``ortho_predict`` looks for either (``orthonet.inference.model_selection``)."""
+    from orthonet.planners.plans import load_plans
+    from orthonet.training.pretrained import find_pretrained
+    from orthonet.training.trainers import DEFAULT_TRAINER_FOR_TASK, DEFAULT_TRAINER_WITH_PRETRAINING
+    plain, with_pretraining = DEFAULT_TRAINER_FOR_TASK[task], DEFAULT_TRAINER_WITH_PRETRAINING[task]
+    if plain == with_pretraining:
+        return plain, f"the default for --task {task}"
+    if pretrained == "none":
+        return plain, "the default without pretrained encoders (--pretrained none)"
+    plans = load_plans(preprocessed_root() / dataset_name, plans_name)
+    source = find_pretrained(pretrained, plans, configuration, list(plans["views"]))
+    if source is None:
+        return plain, "the default without pretrained encoders (none found for --pretrained auto)"
+    return with_pretraining, (f"the default with pretrained encoders ({source.description}): its pyramid head is "
+                              "where they pay off, see docs/benchmarks.md; -tr " + plain + " for the U-Net decoder")
 
 
 def default_task(dataset_name: str) -> str:
@@ -94,6 +115,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-weights", type=float, nargs=2, metavar=("SEG", "DIAG"), default=None,
                    help="multitask: weights of the segmentation and diagnosis losses (default 1 1)")
     p.add_argument("--no-final-validation", action="store_true", help="skip the full-volume validation at the end")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (faster steps after a compile of a minute or more; backend from "
+                        "ORTHO_COMPILE_BACKEND, default inductor, which needs a C++ compiler on the CPU)")
     return p
 
 
@@ -104,7 +128,11 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     task = args.task
     if args.trainer is None and task is None:
         task = default_task(dataset_name)
-    cls = get_trainer_class(args.trainer, task)
+    trainer_name, why = args.trainer, None
+    if trainer_name is None:
+        trainer_name, why = default_trainer(task, dataset_name, args.configuration, args.plans, args.pretrained)
+        print(f"trainer: {trainer_name} ({why})")
+    cls = get_trainer_class(trainer_name, task)
     options = TrainOptions(dataset_name=dataset_name, configuration=args.configuration, fold=args.fold,
                            task=cls.task, pretrained=args.pretrained, label_fraction=args.label_fraction,
                            epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
@@ -113,7 +141,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                            plans_name=args.plans, seed=args.seed, fuse_views=args.fuse_views, fusion=args.fusion,
                            final_validation=not args.no_final_validation, loss_weights=args.loss_weights,
                            diagnosis_input=args.diagnosis_input, feature_t=parse_feature_t(args.feature_t),
-                           diagnosis_levels=args.diagnosis_levels)
+                           diagnosis_levels=args.diagnosis_levels, compile=args.compile)
     trainer = cls(options)
     trainer.run()
     print(f"results: {trainer.output_dir}")

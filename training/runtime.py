@@ -63,3 +63,16 @@ def memory_format_for(ndim: int, device: torch.device):
     if device.type != "cuda":
         return torch.contiguous_format
     return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
+def compile_network(module: torch.nn.Module, log=None) -> torch.nn.Module:
+    """``torch.compile(module)`` with the backend named by ``ORTHO_COMPILE_BACKEND`` (default ``inductor``).
+
+    Why a wrapper: the compiled module shares the original's parameters, so optimizers, checkpoints (written from
+    the unwrapped model) and EMA are unchanged; only the forward is traced. Shapes vary between whole-exam batches,
+    so ``dynamic=None`` lets dynamo mark changing sizes dynamic after the first recompile instead of compiling each.
+    """
+    backend = os.environ.get("ORTHO_COMPILE_BACKEND", "inductor")
+    if log is not None:
+        log(f"torch.compile (backend {backend}): the first steps include the compilation")
+    return torch.compile(module, backend=backend, dynamic=None)

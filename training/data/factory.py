@@ -165,7 +165,7 @@ def make_aligned_views_loader(store: PreprocessedCaseStore, cases: Sequence[str]
                               deep_supervision: bool = True, batch_size: Optional[int] = None,
                               oversample_foreground: float = 0.33, ignore_label: Optional[int] = None,
                               padding_label: int = 0, num_workers: int = 0, seed: int = 12345,
-                              timeout_s: float = 900.0) -> BatchLoader:
+                              timeout_s: float = 900.0, **loader_kwargs) -> BatchLoader:
     """Segmentation patches plus physically aligned crops of the other views (``--fuse-views``).
 
     Training uses intensity augmentation only (spatial transforms would break the alignment); validation uses
@@ -183,4 +183,4 @@ def make_aligned_views_loader(store: PreprocessedCaseStore, cases: Sequence[str]
     source = AlignedViewsBatchSource(store, cases, segmentation_view, list(others), batch_size or
                                      int(cfg["batch_size"]), patch, others, transforms, oversample_foreground,
                                      ignore_label)
-    return BatchLoader(source, num_workers=num_workers, seed=seed, timeout_s=timeout_s)
+    return BatchLoader(source, num_workers=num_workers, seed=seed, timeout_s=timeout_s, **loader_kwargs)

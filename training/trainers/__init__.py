@@ -16,6 +16,11 @@ from orthonet.training.trainers.segmentation import SegTrainer
 
 TRAINERS: Dict[str, Type[BaseTrainer]] = {}
 DEFAULT_TRAINER_FOR_TASK = {"seg": "SegTrainer", "diag": "DiagTrainer", "multitask": "MultitaskTrainer"}
+#: The default when pretrained encoders will be loaded. Why: the label-efficiency benchmark (docs/benchmarks.md)
+#: shows the U-Net decoder gaining nothing from a denoiser (mean Dice 0.06-0.07 vs 0.15 from scratch at 10 % labels)
+#: while the pyramid head on the same encoder gains +0.23 (0.689 vs 0.458 from scratch; 0.672 vs 0.352 at 100 %).
+DEFAULT_TRAINER_WITH_PRETRAINING = {"seg": "SegTrainerPyramid", "diag": "DiagTrainer",
+                                    "multitask": "MultitaskTrainerPyramid"}
 
 
 def register_trainer(cls: Type[BaseTrainer]) -> Type[BaseTrainer]:
@@ -59,4 +64,4 @@ def get_trainer_class(name: Optional[str], task: Optional[str] = None) -> Type[B
 __all__ = ["BaseTrainer", "SegTrainer", "DiagTrainer", "MultitaskTrainer", "SegTrainerPyramid",
            "MultitaskTrainerPyramid", "SegTrainerDiffusionFeatures",
            "DiagTrainerDiffusionFeatures", "MultitaskTrainerDiffusionFeatures", "TRAINERS", "register_trainer",
-           "get_trainer_class", "DEFAULT_TRAINER_FOR_TASK"]
+           "get_trainer_class", "DEFAULT_TRAINER_FOR_TASK", "DEFAULT_TRAINER_WITH_PRETRAINING"]

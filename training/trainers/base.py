@@ -32,7 +32,8 @@ from orthonet.training.model_factory import ModelConfig, build_model, views_for
 from orthonet.training.options import TrainOptions, fold_dir_name, model_dir, model_folder_name
 from orthonet.training.pretrained import PretrainedSource, find_pretrained, load_encoder_file, network_hash
 from orthonet.training.progress import ProgressLogger
-from orthonet.training.runtime import autocast, default_num_workers, memory_format_for, resolve_device, seed_everything
+from orthonet.training.runtime import (autocast, compile_network, default_num_workers, memory_format_for,
+                                       resolve_device, seed_everything)
 from orthonet.training.schedules import scheduler_step, split_param_groups, warmup_poly_schedule
 from orthonet.training.splits import get_fold, label_fraction_subset, load_or_create_splits
 
@@ -333,6 +334,11 @@ class BaseTrainer:
     def log(self, message: str) -> None:
         self.progress.log(message)
 
+    def loader_options(self, train: bool) -> Dict:
+        """Extra BatchLoader arguments: page-locked batches on CUDA, so ``to_device``'s non_blocking copies
+        overlap the step (with pageable memory they are synchronous); in-process validation loaders need none."""
+        return {"pin_memory": train and self.device.type == "cuda"}
+
     def to_device(self, x):
         if isinstance(x, torch.Tensor):
             fmt = memory_format_for(x.ndim, self.device) if x.is_floating_point() and x.ndim >= 4 else None
@@ -357,6 +363,8 @@ class BaseTrainer:
             model.to(memory_format=memory_format_for(5 if self.is_3d else 4, self.device))
         self.model = model
         self.network = dist.wrap_ddp(model, self.device) if dist.is_distributed() else model
+        if self.opts.compile:
+            self.network = compile_network(self.network, self.log)
         self.optimizer, self.scheduler = self.build_optimizer(model, pretrained)
         if self.is_main:
             self._write_run_files()

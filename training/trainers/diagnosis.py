@@ -85,7 +85,8 @@ class DiagTrainer(BaseTrainer):
                                      else (), whole_views=whole, max_whole_shape=cap,
                                      whole_intensity_jitter=self.whole_intensity_jitter,
                                      batch_size=self.whole_batch_size if self.whole_exam else None,
-                                     fuse_views=self.opts.fuse_views and seg_view is not None)
+                                     fuse_views=self.opts.fuse_views and seg_view is not None,
+                                     **self.loader_options(train))
 
     def build_train_loader(self):
         self.bce = self.diagnosis_loss().to(self.device)

@@ -45,12 +45,13 @@ class SegTrainer(BaseTrainer):
                                              self.segmentation_view, self.model_cfg.views, train=train,
                                              deep_supervision=self.deep_supervision,
                                              oversample_foreground=self.oversample_foreground,
-                                             ignore_label=self.spec.ignore_label, num_workers=workers, seed=seed)
+                                             ignore_label=self.spec.ignore_label, num_workers=workers, seed=seed,
+                                             **self.loader_options(train))
         return make_seg_loader(self.store, cases, self.plans, self.segmentation_view, self.opts.configuration,
                                train=train, deep_supervision=self.deep_supervision,
                                oversample_foreground=self.oversample_foreground,
                                ignore_label=self.spec.ignore_label, num_workers=self.num_workers if train else 0,
-                               seed=seed, mirror_axes=self.mirror_axes)
+                               seed=seed, mirror_axes=self.mirror_axes, **self.loader_options(train))
 
     def build_train_loader(self):
         self.loss_fn = self.seg_loss()
