@@ -18,8 +18,9 @@ def synthetic_dataset(dataset_id: int, dataset_name: str, joint: str, n_train: i
     """Generate ``$ORTHO_raw/<dataset_name>`` (``n_test`` test exams in imagesTs) and run
     ``ortho_plan_and_preprocess`` on it, each only when its output is missing (benchmarks rerun on the same data);
     returns the preprocessed dataset folder."""
-    from orthonet.synthetic.writer import make_dataset
     from orthonet.planners.cli import main as plan_main
+    from orthonet.planners.plans import plans_path
+    from orthonet.synthetic.writer import make_dataset
 
     raw = Path(os.environ["ORTHO_raw"]) / dataset_name
     pre = Path(os.environ["ORTHO_preprocessed"]) / dataset_name
@@ -28,7 +29,7 @@ def synthetic_dataset(dataset_id: int, dataset_name: str, joint: str, n_train: i
         make_dataset(raw, joint, n_train=n_train, n_test=n_test, n_unlabeled=n_unlabeled, seed=seed, size=size,
                      num_processes=2, progress=False)
         print(f"[data] {n_train}+{n_unlabeled} {joint} exams in {time.time() - t0:.0f} s", flush=True)
-    if not (pre / "plans.json").is_file() or not any((pre / f"orthoPlans_{configuration}").glob("*.json")):
+    if not plans_path(pre).is_file() or not any((pre / f"orthoPlans_{configuration}").glob("*.json")):
         t0 = time.time()
         code = plan_main(["-d", str(dataset_id), "-c", configuration, "-np", "2", "--no-progress", *plan_args])
         if code != 0:

@@ -54,6 +54,15 @@ PRESETS: Dict[str, Dict[str, List[str]]] = {
         "default": [],
         "quick": ["--quick", "--no-write", "--work", str(QUICK_DATA / "throughput")],
     },
+    "bench_transfer": {
+        # knee -> ankle/shoulder: reuses (or makes, about 20 min more) the whole-exam benchmark's knee encoders in
+        # /tmp/orthonet_bench_whole_exam, 80 + 20 default-size exams per joint, knee/own/scratch encoders, 5-fold CV
+        # (about 2.5 h on 2 cores with --threads 1, which a shared machine needs); writes its section. The quick
+        # preset generates its own tiny knee source.
+        "default": [],
+        "quick": ["--quick", "--no-write", "--work", str(QUICK_DATA / "transfer"),
+                  "--knee-work", str(QUICK_DATA / "transfer_knee")],
+    },
     "bench_whole_exam_diagnosis": {
         # 120 + 40 default-size knees, 3 pretrained views, 5-fold CV (about 1.5 h on 2 cores); writes its section.
         "default": [],

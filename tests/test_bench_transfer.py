@@ -1,0 +1,102 @@
+"""benchmarks/bench_transfer.py: the logic of its own (argument and view-map parsing, the all-views check, paired
+differences, the verdict and the report table); the end-to-end path is its ``--quick`` run (run_all)."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from benchmarks import bench_transfer as bt
+
+
+def test_joint_view_maps_become_each_joints_view_map_arguments():
+    out = bt.parse_joint_view_maps(["shoulder:sagittal=coronal", "Shoulder: axial=axial"], ["ankle", "shoulder"])
+    assert out == {"ankle": [], "shoulder": ["sagittal=coronal", "axial=axial"]}
+    for bad in ("sagittal=coronal", "shoulder:sagittal", "shoulder:=coronal", "shoulder:sagittal="):
+        with pytest.raises(SystemExit, match="JOINT:TARGET=SOURCE"):
+            bt.parse_joint_view_maps([bad], ["shoulder"])
+    with pytest.raises(SystemExit, match="not in --joints"):
+        bt.parse_joint_view_maps(["knee:sagittal=sagittal"], ["ankle", "shoulder"])
+
+
+def test_arguments_defaults_quick_and_unknown_joints():
+    args = bt.parse_args([])
+    assert (args.n_train, args.n_unlabeled, args.size, args.folds, args.fraction) == (80, 20, "default", 5, 0.1)
+    assert args.joint_list == ["ankle", "shoulder"] and args.knee_work == bt.KNEE_WORK
+    quick = bt.parse_args(["--quick", "--work", "/tmp/x", "--joints", "shoulder"])
+    assert quick.no_write and quick.size == "tiny" and quick.joint_list == ["shoulder"] and quick.threads == 1
+    assert args.threads == 2
+    assert quick.knee_work == str(Path("/tmp/x") / "knee_source")   # never a tiny knee in the real knee folder
+    with pytest.raises(SystemExit):
+        bt.parse_args(["--joints", "ankle,hip"])
+
+
+def test_a_source_missing_a_view_stops_the_benchmark():
+    views = ["sagittal", "coronal", "axial"]
+    bt.check_complete(SimpleNamespace(files={v: Path(f"/x/{v}/encoder.pt") for v in views}), views, "knee")
+    with pytest.raises(SystemExit, match=r"\['axial'\]"):
+        bt.check_complete(SimpleNamespace(files={"sagittal": Path("a"), "coronal": Path("b")}), views, "knee")
+    with pytest.raises(SystemExit, match="no pretrained encoder"):
+        bt.check_complete(None, views, "knee")
+
+
+def test_same_files_compares_the_file_of_every_view(tmp_path):
+    a = SimpleNamespace(files={"sagittal": tmp_path / "s.pt", "axial": tmp_path / "a.pt"})
+    assert bt.same_files(a, SimpleNamespace(files=dict(a.files)))
+    assert not bt.same_files(a, SimpleNamespace(files={"sagittal": tmp_path / "s.pt"}))
+    assert not bt.same_files(SimpleNamespace(files={}), SimpleNamespace(files={}))
+
+
+def _row(macro, n=2):
+    return {"labels": "10%", "encoders": "x", "macro_auc": macro, "macro_auc_ci": [macro - .1, macro + .1],
+            "macro_ap": .5, "macro_ap_ci": [.4, .6], "auc": [macro] * n, "auc_ci": [[macro - .1, macro + .1]] * n}
+
+
+def test_paired_difference_and_verdict_per_joint_and_for_both():
+    rows = {"low_knee": _row(0.70), "low_scratch": _row(0.62)}
+    boots = {"low_knee": [0.7, 0.72, 0.68], "low_scratch": [0.6, 0.64, 0.62]}
+    d = bt.paired(boots, rows, "low_knee", "low_scratch")
+    assert d["mean"] == pytest.approx(0.08) and d["ci"][0] <= d["ci"][1]
+    assert bt.paired(boots, rows, "low_own", "low_scratch") is None
+    ankle = {"rows": rows, "differences": {"low_knee_minus_scratch": d}}
+    shoulder = {"rows": {"low_knee": _row(0.60), "low_scratch": _row(0.58)},
+                "differences": {"low_knee_minus_scratch": {"mean": 0.02, "ci": [-0.05, 0.09]}}}
+    lines = bt.verdict({"ankle": ankle, "shoulder": shoulder}, 0.1)
+    assert "ankle" in lines[0] and lines[0].endswith("— met.")
+    assert "shoulder" in lines[1] and lines[1].endswith("— not met.")
+    assert lines[2] == "- Target on both joints: not met."
+    assert bt.verdict({"ankle": ankle}, 0.1) == lines[:1]
+    assert bt.verdict({"ankle": {"rows": {}, "differences": {}}}, 0.1)[0].endswith("not measured.")
+
+
+def test_joint_table_orders_rows_and_shows_per_condition_intervals():
+    res = {"conditions": ["a", "b"], "rows": {k: _row(0.6 + 0.01 * i) for i, k in enumerate(
+        ["low_scratch", "100_knee", "low_knee", "100_scratch"])}}
+    lines = bt.joint_table(res)
+    assert lines[0].endswith("| a | b |") and len(lines) == 2 + 4
+    assert [ln.split("|")[3].strip()[:5] for ln in lines[2:]] == ["0.610", "0.630", "0.620", "0.600"]
+    assert "0.51 [0.41, 0.61]" not in lines[2] and "0.61 [0.51, 0.71]" in lines[2]
+    assert bt.fmt_ci(float("nan"), [0, 1]) == "n/a"
+    assert np.isfinite(bt.TARGET_GAIN)
+
+
+def test_markdown_has_a_table_per_joint_the_dice_note_and_the_verdict():
+    rows = {f"{t}_{e}": {**_row(0.6), "labels": "100 %" if t == "100" else "10%", "encoders": bt.ENCODER_LABEL[e]}
+            for t in ("100", "low") for e in ("knee", "scratch")}
+    joint = {"dataset": "Dataset993_AnkleTransfer", "n_train": 80, "conditions": ["a", "b"], "low_label_exams": 5,
+             "views": {"sagittal": {"source_view": "sagittal", "why": "headers", "knee_patch": [16, 64, 64],
+                                    "target_patch": [16, 64, 48]}},
+             "shapes": {"sagittal": [30, 250, 250]}, "auto_check": None, "own_pretraining": {}, "rows": rows,
+             "differences": {"low_knee_minus_scratch": {"mean": 0.0, "ci": [-0.1, 0.1]}}, "segmentation": None}
+    results = {"date": "d", "machine": "m", "wall_min": 1.0, "n_train": 80, "n_unlabeled": 20, "size": "default",
+               "feature_t": 100, "levels": "-2,-1", "pooling": "mil", "head_steps": 100, "head_batch": 8, "folds": 5,
+               "bootstrap": 10, "fraction": 0.1, "subsets": 2, "joints": {"ankle": joint},
+               "knee": {"dataset": "Dataset992_KneeWholeExam", "n_exams": 160, "size": "default", "plan_args": "p",
+                        "pretraining": {"patch": "16,64,64", "steps": 400,
+                                        "per_view": {"sagittal": {"steps": 400, "patches_per_s": 3.0}}}}}
+    results["verdict"] = bt.verdict(results["joints"], 0.1)
+    text = bt.markdown(results, "python benchmarks/bench_transfer.py")
+    assert "### Ankle" in text and "| 10% | knee-transfer |" in text and "**not measured**" in text
+    assert "(4 runs)" in text and "400 steps" in text and text.rstrip().endswith("— not met.")
