@@ -48,6 +48,12 @@ PRESETS: Dict[str, Dict[str, List[str]]] = {
         "quick": ["--work", str(QUICK_DATA / "pretrain_probe"), "--n-train", "12", "--n-unlabeled", "4",
                   "--steps", "20", "--folds", "2", "--repeats", "1", "--poolings", "mean", "--no-dense"],
     },
+    "bench_pretrain_cpu": {
+        # pretraining patches/s per lever (planned patch, small patch, bf16, channels_last_3d, compile, parallel
+        # views, the CPU plan) on 6 default-size knees (about 15 min on 2 cores); writes its section.
+        "default": [],
+        "quick": ["--quick", "--no-write", "--work", str(QUICK_DATA / "pretrain_cpu")],
+    },
     "bench_throughput": {
         # orthonet vs nnU-Net training/prediction throughput; needs nnunetv2 in benchmarks/.venv-nnunet (installed
         # on first use); default: 10 small knees, 30 iterations x 2 rounds (about 40 min on 2 cores).

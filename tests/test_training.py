@@ -431,3 +431,24 @@ def test_default_trainer_is_the_pyramid_head_when_pretrained_encoders_load(multi
         "MultitaskTrainer", "the default without pretrained encoders (--pretrained none)")
     name, why = default_trainer("seg", multiview, "3d_fullres", "orthoPlans", "auto")   # nothing pretrained here
     assert name == "SegTrainer" and "none found" in why
+
+
+def test_default_trainer_looks_only_at_the_encoders_the_task_loads(multiview, tmp_path):
+    """A seg model reads the segmentation view alone: encoders for the other views do not make the pyramid head the
+    default (nothing would load into it), while multitask (all views) and ``--fuse-views`` seg do take them."""
+    import shutil
+    from orthonet.errors import OrthoError
+    from orthonet.fileio import load_json
+    from orthonet.paths import preprocessed_root
+    from orthonet.training.cli import default_trainer
+    folder = tmp_path / "Pretrain__orthoPlans__3d_fullres"
+    _write_pretrained(multiview, folder)
+    plans = load_json(preprocessed_root() / multiview / "orthoPlans.json")
+    seg_view = plans.get("segmentation_view") or "sagittal"
+    shutil.rmtree(folder / seg_view)
+    with pytest.raises(OrthoError, match="no pretrained encoders"):
+        default_trainer("seg", multiview, "3d_fullres", "orthoPlans", str(folder))
+    assert default_trainer("seg", multiview, "3d_fullres", "orthoPlans", str(folder), fuse_views=True)[0] == \
+        "SegTrainerPyramid"
+    assert default_trainer("multitask", multiview, "3d_fullres", "orthoPlans", str(folder))[0] == \
+        "MultitaskTrainerPyramid"

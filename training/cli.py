@@ -12,8 +12,8 @@ from orthonet.training.model_factory import TASKS
 from orthonet.training.options import DEFAULT_PLANS, TrainOptions
 
 
-def default_trainer(task: str, dataset_name: str, configuration: str, plans_name: str, pretrained: str
-                    ) -> Tuple[str, str]:
+def default_trainer(task: str, dataset_name: str, configuration: str, plans_name: str, pretrained: str,
+                    fuse_views: bool = False) -> Tuple[str, str]:
     """The trainer ``ortho_train`` uses without ``-tr``, and why: the pyramid-head variant of the task's trainer
     when pretrained encoders will be loaded (where the benchmark shows them paying off), else the plain nnU-Net-style
     one. ``ortho_predict`` looks for either (``orthonet.inference.model_selection``)."""
@@ -25,8 +25,12 @@ def default_trainer(task: str, dataset_name: str, configuration: str, plans_name
         return plain, f"the default for --task {task}"
     if pretrained == "none":
         return plain, "the default without pretrained encoders (--pretrained none)"
+    from orthonet.training.model_factory import task_model_views
     plans = load_plans(preprocessed_root() / dataset_name, plans_name)
-    source = find_pretrained(pretrained, plans, configuration, list(plans["views"]))
+    spec, _ = parse_dataset_json(preprocessed_root() / dataset_name)
+    seg_view = plans.get("segmentation_view") or (spec.segmentation_view if spec is not None else None)
+    views = task_model_views(plans, configuration, task, seg_view, fuse_views)   # the encoders that will load
+    source = find_pretrained(pretrained, plans, configuration, views)
     if source is None:
         return plain, "the default without pretrained encoders (none found for --pretrained auto)"
     return with_pretraining, (f"the default with pretrained encoders ({source.description}): its pyramid head is "
@@ -130,7 +134,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         task = default_task(dataset_name)
     trainer_name, why = args.trainer, None
     if trainer_name is None:
-        trainer_name, why = default_trainer(task, dataset_name, args.configuration, args.plans, args.pretrained)
+        trainer_name, why = default_trainer(task, dataset_name, args.configuration, args.plans, args.pretrained,
+                                            args.fuse_views)
         print(f"trainer: {trainer_name} ({why})")
     cls = get_trainer_class(trainer_name, task)
     options = TrainOptions(dataset_name=dataset_name, configuration=args.configuration, fold=args.fold,

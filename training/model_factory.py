@@ -82,6 +82,17 @@ def views_for(plans: Dict, configuration: str, task: str) -> List[str]:
     return views
 
 
+def task_model_views(plans: Dict, configuration: str, task: str, segmentation_view: Optional[str],
+                     fuse_views: bool = False) -> List[str]:
+    """The views a trainer's model reads (and so the encoders it loads): the segmentation view alone for ``seg``
+    without ``--fuse-views``, else :func:`views_for`. One rule for the trainer and for ``default_trainer``, so the
+    default head is chosen by the encoders that will really load."""
+    views = views_for(plans, configuration, task)
+    if task == "seg" and not fuse_views and segmentation_view is not None:
+        return [segmentation_view]
+    return views
+
+
 def build_model(plans: Dict, cfg: ModelConfig) -> nn.Module:
     """The task model of ``cfg`` with every encoder built from the plans' network entry of its view."""
     if cfg.task not in TASKS:

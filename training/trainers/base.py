@@ -28,7 +28,7 @@ from orthonet.training.checkpoint import apply_checkpoint, load_checkpoint, save
 from orthonet.training.data.dataset import PreprocessedCaseStore
 from orthonet.networks.heads import WHOLE_EXAM_POOLING
 from orthonet.training.data.factory import training_mirror_axes
-from orthonet.training.model_factory import ModelConfig, build_model, views_for
+from orthonet.training.model_factory import ModelConfig, build_model, task_model_views, views_for
 from orthonet.training.options import TrainOptions, fold_dir_name, model_dir, model_folder_name
 from orthonet.training.pretrained import PretrainedSource, find_pretrained, load_encoder_file, network_hash
 from orthonet.training.progress import ProgressLogger
@@ -131,10 +131,8 @@ class BaseTrainer:
         return self.preprocessed_dir / ident
 
     def model_views(self) -> List[str]:
-        views = views_for(self.plans, self.opts.configuration, self.task)
-        if self.task == "seg" and not self.opts.fuse_views:
-            return [self.segmentation_view]
-        return views
+        return task_model_views(self.plans, self.opts.configuration, self.task, self.segmentation_view,
+                                self.opts.fuse_views)
 
     @property
     def segmentation_view(self) -> Optional[str]:
