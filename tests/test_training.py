@@ -372,7 +372,7 @@ def test_whole_exam_diagnosis_is_the_default_and_the_centre_crop_model_stays_ava
     from orthonet.training.trainers import DiagTrainer, MultitaskTrainer
     trainer = DiagTrainer(_options(multiview, task="diag", fusion="gating", feature_t={"*": 100}))
     trainer.setup()
-    assert trainer.model_cfg.diagnosis_input == "whole" and trainer.model.checkpoint_encoders
+    assert trainer.model_cfg.diagnosis_input == "whole" and trainer.model.checkpoint_encoders == "auto"
     assert trainer.model_cfg.fusion == "gating" and set(trainer.model_cfg.feature_t) == set(trainer.model_cfg.views)
     batch = next(iter(trainer.build_train_loader()))
     assert batch["data"] == {} and set(batch["whole"]) == set(trainer.model_cfg.views)

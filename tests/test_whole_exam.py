@@ -127,6 +127,29 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].numel() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+def test_auto_checkpointing_only_for_large_training_batches(monkeypatch):
+    """``checkpoint_encoders='auto'`` recomputes stages only when the batch holds more than
+    ``checkpoint_min_voxels`` voxels (memory), never in eval or without gradients; True/False force it."""
+    import orthonet.networks.diagnosis as diag_mod
+    calls = []
+    real = diag_mod.run_encoder
+    monkeypatch.setattr(diag_mod, "run_encoder", lambda enc, x, ckpt=False: calls.append(ckpt) or real(enc, x, ckpt))
+    x = {"sagittal": torch.randn(2, 1, 8, 32, 32)}              # 16384 voxels in the batch
+    model = _model(seed=5).train()
+    model.checkpoint_encoders = "auto"
+    model(x)
+    model.checkpoint_min_voxels = 16383
+    model(x)
+    model.checkpoint_encoders = False
+    model(x)
+    model.checkpoint_encoders = True
+    model.eval()
+    model(x)
+    with torch.no_grad():
+        model.train()(x)
+    assert calls == [False, True, False, False, False]
+
+
 def test_mil_attention_is_a_distribution_over_real_positions_one_head_per_diagnosis():
     pool = GatedAttentionMIL(channels=8, heads=3)
     x = torch.randn(2, 8, 4, 6, 6)

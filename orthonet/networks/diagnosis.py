@@ -101,13 +101,25 @@ class DiagnosisHead(nn.Module):
 class WholeExamDiagnosis:
     """Whole-volume diagnosis for models with ``encoders``, ``levels``, ``specs_by_view`` and ``diagnosis``.
 
-    * ``checkpoint_encoders`` (set by the trainer): gradient checkpointing per encoder stage while training.
+    * ``checkpoint_encoders`` (set by the trainer): gradient checkpointing per encoder stage while training: True,
+      False, or ``"auto"``: only for batches of more than ``checkpoint_min_voxels`` voxels (batch x volume), where
+      the saved activations would crowd memory; below that the recomputation would only cost time (an extra
+      encoder forward per step).
     * ``feature_t``: {view: timestep or None}, OrthoDiffusion's diffusion features (input noised to t).
     * ``tile``: with gradients off, volumes larger than ``tile_voxels`` voxels are encoded tile by tile.
     """
 
-    checkpoint_encoders: bool = False
+    checkpoint_encoders: Union[bool, str] = False
+    checkpoint_min_voxels: int = 2 ** 21      # about 2 M voxels: 2 exams of 32 x 180 x 180
     tile_voxels: int = 96 * 192 * 192
+
+    def _checkpoint(self, x: torch.Tensor) -> bool:
+        """Whether this training forward checkpoints the encoder stages (see ``checkpoint_encoders``)."""
+        if not (self.training and torch.is_grad_enabled()) or not self.checkpoint_encoders:
+            return False
+        if self.checkpoint_encoders == "auto":
+            return x.shape[0] * x[0, 0].numel() > self.checkpoint_min_voxels
+        return True
 
     def _setup_whole_exam(self, whole_exam: bool, feature_t: Optional[Dict[str, Optional[int]]]) -> None:
         self.whole_exam = bool(whole_exam)
@@ -150,8 +162,7 @@ class WholeExamDiagnosis:
         if not torch.is_grad_enabled() and x.shape[0] == 1 and (tile is not None or big):
             tile = tile or _default_tile(x.shape[2:], self.tile_voxels, total_stride(spec))
             return encode_tiled(self.encoders[view], x, spec, levels, tile)
-        use_ckpt = self.checkpoint_encoders and self.training and torch.is_grad_enabled()
-        skips = run_encoder(self.encoders[view], x, use_ckpt)
+        skips = run_encoder(self.encoders[view], x, self._checkpoint(x))
         return [skips[i] for i in levels]
 
     def whole_features(self, inputs: Dict[str, torch.Tensor], shapes: Optional[Dict[str, torch.Tensor]] = None,

@@ -2,8 +2,10 @@
 
 Whole-exam diagnosis (the default, ``--diagnosis-input whole``): every batch carries each view's whole volume
 (``batch['whole']``, padded to the encoder's total stride and the batch's largest exam) and the encoders run over
-all of it with gradient checkpointing per stage (``gradient_checkpointing``), so memory holds the stage outputs of
-``whole_batch_size`` exams, not every activation. ``--diagnosis-input crop`` trains the old centre-crop model.
+all of it, with gradient checkpointing per stage (``gradient_checkpointing``; ``"auto"``: only for batches above
+``checkpoint_min_voxels`` of the model, about 2 M voxels) so that memory holds the stage outputs of
+``whole_batch_size`` exams, not every activation; smaller exams skip the recomputation (an encoder forward per
+step: most of the multitask step's overhead on CPU). ``--diagnosis-input crop`` trains the old centre-crop model.
 
 Loss: masked BCE on the fused logits (unknown labels excluded, positives weighted by training prevalence) plus an
 auxiliary BCE on each view's own logits, so every view alone stays predictive and a missing view at inference
@@ -11,7 +13,7 @@ degrades the answer instead of breaking it.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,7 +39,7 @@ class DiagTrainer(BaseTrainer):
     light_augmentation: bool = True   # mirroring + intensity jitter only for the diagnosis views (see factory)
     grad_clip: float = 5.0
     whole_batch_size: int = 2                 # exams per batch in whole-exam mode
-    gradient_checkpointing: bool = True       # per encoder stage, whole-exam training only
+    gradient_checkpointing: Union[bool, str] = "auto"   # per encoder stage, whole-exam training only
     max_whole_shape: Optional[Sequence[int]] = None   # cap on a training volume (random cut); None: no cap
     whole_intensity_jitter: float = 0.1
 
@@ -48,7 +50,8 @@ class DiagTrainer(BaseTrainer):
     def build_model(self):
         model = super().build_model()
         if self.model_cfg.diagnosis_input == "whole":
-            model.checkpoint_encoders = bool(self.gradient_checkpointing)
+            model.checkpoint_encoders = self.gradient_checkpointing if self.gradient_checkpointing == "auto" \
+                else bool(self.gradient_checkpointing)
         return model
 
     def select_training_cases(self, train: Sequence[str], seg_labelled: Set[str]) -> List[str]:
