@@ -118,8 +118,7 @@ def driver_main(job_path: Path) -> int:
     step_s = sum(timed) / len(timed)
     out = {"times": times, "step_s": step_s, "batch_size": trainer.batch_size, "patch_size": trainer.spec_patch(),
            "patches_per_s": trainer.batch_size / step_s, "view": job["view"],
-           "parameters": sum(p.numel() for p in trainer.model.parameters()),
-           "features": trainer.config_plan["network"].get("features_per_stage")}
+           "parameters": sum(p.numel() for p in trainer.model.parameters())}
     tmp = Path(job["out"]).with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1), encoding="utf-8")
     os.replace(tmp, job["out"])
@@ -199,7 +198,7 @@ def report(summary: Dict, command: str) -> str:
     rows = []
     for variant, r in res.items():
         ratio = f"{r['patches_per_s'] / before['patches_per_s']:.1f}x" if before else "n/a"
-        rows.append(f"| {variant} | {r['patch_size']} x {r['batch_size']} | {r['features']} | "
+        rows.append(f"| {variant} | {r['patch_size']} x {r['batch_size']} | {r['parameters'] / 1e6:.1f} M | "
                     f"{r['processes']} x {r['threads']} | {r['step_s']:.2f} | **{r['patches_per_s']:.2f}** | {ratio} |")
     table = "\n".join(rows)
     return f"""## Diffusion pretraining on CPU: patches/s lever by lever (`bench_pretrain_cpu.py`, issue 10 item 2)
@@ -211,7 +210,7 @@ def report(summary: Dict, command: str) -> str:
   process, warm-up steps excluded (compile time too). Speed only; whether the denoiser helps is in the probe and
   whole-exam sections.
 
-| variant | patch x batch | features per stage | processes x threads | s/step | patches/s | vs planned |
+| variant | patch x batch | denoiser parameters | processes x threads | s/step | patches/s | vs planned |
 |---|---|---|---|---|---|---|
 {table}
 """
