@@ -151,13 +151,9 @@ def measure(args: argparse.Namespace) -> Dict:
         os.environ[f"ORTHO_{kind}"] = str(work / kind)
     work.mkdir(parents=True, exist_ok=True)
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    pre = {}
-    for key, (did, name, plan_args) in DATASETS.items():
-        if key == "cpu" and "cpu plan" not in chosen:
-            continue
-        if key == "default" and chosen == ["cpu plan"]:
-            continue
-        pre[key] = synthetic_dataset(did, name, "knee", args.cases, 0, args.seed, args.size, CONFIG, plan_args)
+    needed = {"cpu" if v == "cpu plan" else "default" for v in chosen}
+    pre = {key: synthetic_dataset(did, name, "knee", args.cases, 0, args.seed, args.size, CONFIG, plan_args)
+           for key, (did, name, plan_args) in DATASETS.items() if key in needed}
     base = {"threads": args.threads, "warmup": args.warmup, "steps": args.steps, "view": "sagittal"}
     results: Dict[str, Dict] = {}
     for variant in chosen:

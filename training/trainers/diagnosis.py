@@ -51,8 +51,7 @@ class DiagTrainer(BaseTrainer):
     def build_model(self):
         model = super().build_model()
         if self.model_cfg.diagnosis_input == "whole":
-            model.checkpoint_encoders = self.gradient_checkpointing if self.gradient_checkpointing == "auto" \
-                else bool(self.gradient_checkpointing)
+            model.checkpoint_encoders = self.gradient_checkpointing   # True, False or "auto"
         return model
 
     def select_training_cases(self, train: Sequence[str], seg_labelled: Set[str]) -> List[str]:
