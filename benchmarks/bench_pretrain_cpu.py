@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import ints, synthetic_dataset  # noqa: E402
+from benchmarks.common import driver_job, driver_result, ints, synthetic_dataset, write_driver_result  # noqa: E402
 
 CONFIG = "3d_fullres"
 DATASETS = {"default": (995, "Dataset995_PretrainCpuKnee", ()),
@@ -119,27 +119,20 @@ def driver_main(job_path: Path) -> int:
     out = {"times": times, "step_s": step_s, "batch_size": trainer.batch_size, "patch_size": trainer.spec_patch(),
            "patches_per_s": trainer.batch_size / step_s, "view": job["view"],
            "parameters": sum(p.numel() for p in trainer.model.parameters())}
-    tmp = Path(job["out"]).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1), encoding="utf-8")
-    os.replace(tmp, job["out"])
+    write_driver_result(job, out)
     return 0
-
-
-def _launch(job: Dict, work: Path) -> subprocess.Popen:
-    path = work / f"job_{job['name'].replace(' ', '_').replace(',', '').replace('+', '_')}_{job['view']}.json"
-    job["out"] = str(path.with_name(path.stem + "_result.json"))
-    path.write_text(json.dumps(job), encoding="utf-8")
-    env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]))
-    return subprocess.Popen([sys.executable, __file__, "--driver", str(path)], env=env)
 
 
 def run_jobs(jobs: List[Dict], work: Path) -> List[Dict]:
     """Run the jobs at the same time (the parallel-views variant) or one job; return their results."""
-    procs = [_launch(job, work) for job in jobs]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"a benchmark driver failed (exit codes {codes}); see its output above")
-    return [json.loads(Path(job["out"]).read_text(encoding="utf-8")) for job in jobs]
+    launched = []
+    for job in jobs:
+        tag = f"job_{job['name'].replace(' ', '_').replace(',', '').replace('+', '_')}_{job['view']}"
+        job, cmd = driver_job(Path(__file__), job, work / f"{tag}.json")
+        launched.append((job, subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(job["threads"])))))
+    codes = [p.wait() for _, p in launched]
+    return [driver_result(job, code, f"pretraining driver {job['name']} / {job['view']}")
+            for (job, _), code in zip(launched, codes)]
 
 
 # ------------------------------------------------------------------------------------------------------------

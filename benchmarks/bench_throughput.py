@@ -59,6 +59,7 @@ sys.path.insert(0, str(REPO))
 # light imports only: --driver also runs under nnU-Net's Python
 from benchmarks.bench_preprocess import (NNUNET_VERSION, copy_segmentation_view, ensure_nnunet_venv,  # noqa: E402
                                          run_measured, write_nnunet_dataset_json)
+from benchmarks.common import driver_job, driver_result, write_driver_result  # noqa: E402
 
 DATASET_ID = 994
 DATASET_NAME = f"Dataset{DATASET_ID}_ThroughputKnee"
@@ -204,7 +205,7 @@ def driver_main(job_path: Path) -> int:
     result["process_seconds"] = time.perf_counter() - t0
     result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     result["torch_threads"] = torch.get_num_threads()
-    Path(job["out"]).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    write_driver_result(job, result)
     return 0
 
 
@@ -314,16 +315,10 @@ def compare_plans(ortho_plans: Dict, nn_pre: Path, aligned: bool) -> Dict[str, D
 def run_driver(name: str, kind: str, python: str, job: Dict, work: Path, env: Dict[str, str], rnd: int) -> Dict:
     """One measurement in its own process, peak process-tree PSS sampled from outside."""
     jobs = work / "jobs"
-    jobs.mkdir(exist_ok=True)
     tag = f"{name}_r{rnd}"
-    job = dict(job, kind=kind, out=str(jobs / f"{tag}.result.json"))
-    Path(job["out"]).unlink(missing_ok=True)
-    (jobs / f"{tag}.json").write_text(json.dumps(job, indent=1), encoding="utf-8")
-    wall, peak, code = run_measured([python, str(Path(__file__).resolve()), "--driver", str(jobs / f"{tag}.json")],
-                                    env, jobs / f"{tag}.log")
-    if code != 0 or not Path(job["out"]).is_file():
-        raise SystemExit(f"{name} failed (exit {code}); see {jobs / f'{tag}.log'}")
-    result = json.loads(Path(job["out"]).read_text(encoding="utf-8"))
+    job, cmd = driver_job(Path(__file__), dict(job, kind=kind), jobs / f"{tag}.json", python)
+    wall, peak, code = run_measured(cmd, env, jobs / f"{tag}.log")
+    result = driver_result(job, code, name, str(jobs / f"{tag}.log"))
     result.update(wall_s=wall, peak_pss_mb=peak)
     steps = result["times"][job["warmup"]:]
     result["step_s"] = statistics.median(steps)

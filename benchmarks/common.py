@@ -1,10 +1,13 @@
-"""Steps several benchmarks share: parsing number lists, and generating + planning a synthetic dataset once."""
+"""Steps several benchmarks share: parsing number lists, generating + planning a synthetic dataset once, and
+running one measurement per process from a job file (light imports only: drivers also run under nnU-Net's Python)."""
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 
 def ints(text: str) -> List[int]:
@@ -36,3 +39,30 @@ def synthetic_dataset(dataset_id: int, dataset_name: str, joint: str, n_train: i
             raise SystemExit(f"ortho_plan_and_preprocess failed with exit code {code}")
         print(f"[plan] planned and preprocessed in {time.time() - t0:.0f} s", flush=True)
     return pre
+
+
+def driver_job(script: Path, job: Dict, job_path: Path, python: str = sys.executable) -> Tuple[Dict, List[str]]:
+    """Write ``job`` to ``job_path`` with its result file (``out``, beside it; an old one removed) and return the
+    job and the command ``python script --driver job_path``.
+
+    Why a process per measurement: each gets a fresh allocator and thread pool, its peak memory can be sampled
+    from outside, and two of them can run at the same time (parallel views)."""
+    job = dict(job, out=str(job_path.with_name(job_path.stem + ".result.json")))
+    Path(job["out"]).unlink(missing_ok=True)
+    job_path.parent.mkdir(parents=True, exist_ok=True)
+    job_path.write_text(json.dumps(job, indent=1), encoding="utf-8")
+    return job, [python, str(Path(script).resolve()), "--driver", str(job_path)]
+
+
+def write_driver_result(job: Dict, result: Dict) -> None:
+    """The driver's side: ``result`` to ``job['out']``, atomically (a killed driver leaves no half-written file)."""
+    tmp = Path(job["out"]).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    os.replace(tmp, job["out"])
+
+
+def driver_result(job: Dict, code: int, what: str, log: str = "its output above") -> Dict:
+    """The result a driver wrote, or one clear error naming the measurement and where its log is."""
+    if code != 0 or not Path(job["out"]).is_file():
+        raise SystemExit(f"{what} failed (exit code {code}); see {log}")
+    return json.loads(Path(job["out"]).read_text(encoding="utf-8"))

@@ -25,11 +25,10 @@ def default_trainer(task: str, dataset_name: str, configuration: str, plans_name
         return plain, f"the default for --task {task}"
     if pretrained == "none":
         return plain, "the default without pretrained encoders (--pretrained none)"
-    from orthonet.training.model_factory import task_model_views
+    from orthonet.training.model_factory import segmentation_view_of, task_model_views
     plans = load_plans(preprocessed_root() / dataset_name, plans_name)
     spec, _ = parse_dataset_json(preprocessed_root() / dataset_name)
-    seg_view = plans.get("segmentation_view") or (spec.segmentation_view if spec is not None else None)
-    views = task_model_views(plans, configuration, task, seg_view, fuse_views)   # the encoders that will load
+    views = task_model_views(plans, configuration, task, segmentation_view_of(plans, spec), fuse_views)   # the encoders that will load
     source = find_pretrained(pretrained, plans, configuration, views)
     if source is None:
         return plain, "the default without pretrained encoders (none found for --pretrained auto)"

@@ -82,6 +82,12 @@ def views_for(plans: Dict, configuration: str, task: str) -> List[str]:
     return views
 
 
+def segmentation_view_of(plans: Dict, spec=None) -> Optional[str]:
+    """The view segmentation labels live in: the plans' choice (editable), else dataset.json's (``spec``, a
+    :class:`orthonet.dataset.DatasetSpec` or None). One rule for the trainer and for ``default_trainer``."""
+    return plans.get("segmentation_view") or (spec.segmentation_view if spec is not None else None)
+
+
 def task_model_views(plans: Dict, configuration: str, task: str, segmentation_view: Optional[str],
                      fuse_views: bool = False) -> List[str]:
     """The views a trainer's model reads (and so the encoders it loads): the segmentation view alone for ``seg``

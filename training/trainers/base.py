@@ -28,7 +28,8 @@ from orthonet.training.checkpoint import apply_checkpoint, load_checkpoint, save
 from orthonet.training.data.dataset import PreprocessedCaseStore
 from orthonet.networks.heads import WHOLE_EXAM_POOLING
 from orthonet.training.data.factory import training_mirror_axes
-from orthonet.training.model_factory import ModelConfig, build_model, task_model_views, views_for
+from orthonet.training.model_factory import (ModelConfig, build_model, segmentation_view_of, task_model_views,
+                                             views_for)
 from orthonet.training.options import TrainOptions, fold_dir_name, model_dir, model_folder_name
 from orthonet.training.pretrained import PretrainedSource, find_pretrained, load_encoder_file, network_hash
 from orthonet.training.progress import ProgressLogger
@@ -136,7 +137,7 @@ class BaseTrainer:
 
     @property
     def segmentation_view(self) -> Optional[str]:
-        return self.plans.get("segmentation_view") or self.spec.segmentation_view
+        return segmentation_view_of(self.plans, self.spec)
 
     def configure_data(self) -> None:
         """Store, splits (once, fixed seed, stratified), this fold's cases and the label-fraction subset."""
