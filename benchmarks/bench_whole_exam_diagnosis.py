@@ -77,10 +77,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--fraction", type=float, default=0.1, help="label fraction of the low-label rows")
     p.add_argument("--subsets", type=int, default=2, help="random label subsets per fold at --fraction")
     p.add_argument("--head-steps", type=int, default=200, help="least optimizer steps of the diagnosis head")
-    p.add_argument("--head-epochs", type=float, default=0,
+    p.add_argument("--head-epochs", type=float, default=40,
                    help="at least this many passes over the training exams (steps = max(--head-steps, epochs x "
                         "exams / batch)): a fixed step count underfits the 100 %% rows while the 10 %% rows run "
-                        "ten times as many epochs")
+                        "ten times as many epochs (measured: 40 epochs lift the 100 %% row from 0.547 to 0.650)")
     p.add_argument("--feature-cache", default="",
                    help="folder for the frozen features (one file per encoder variant, reused when present; "
                         "default: WORK/features)")
@@ -94,6 +94,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.quick:
         args.n_train, args.n_unlabeled, args.size = 16, 2, "tiny"
         args.pretrain_steps, args.head_steps, args.folds, args.subsets, args.bootstrap = 4, 10, 2, 1, 50
+        args.head_epochs = 0
         args.fraction = 0.5
     return args
 
