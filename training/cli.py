@@ -28,7 +28,8 @@ def default_trainer(task: str, dataset_name: str, configuration: str, plans_name
     from orthonet.training.model_factory import segmentation_view_of, task_model_views
     plans = load_plans(preprocessed_root() / dataset_name, plans_name)
     spec, _ = parse_dataset_json(preprocessed_root() / dataset_name)
-    views = task_model_views(plans, configuration, task, segmentation_view_of(plans, spec), fuse_views)   # the encoders that will load
+    # the encoders that will load
+    views = task_model_views(plans, configuration, task, segmentation_view_of(plans, spec), fuse_views)
     source = find_pretrained(pretrained, plans, configuration, views)
     if source is None:
         return plain, "the default without pretrained encoders (none found for --pretrained auto)"
