@@ -71,6 +71,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip-pretrain", action="store_true", help="reuse existing pretraining output")
     p.add_argument("--levels", default="-2,-1",
                    help="encoder levels the diagnosis reads (--diagnosis-levels; the two deepest keep the CPU head fast)")
+    p.add_argument("--coarsen-levels", default="",
+                   help="of --levels, those max-pooled onto the next coarser level's grid before the head (e.g. -3: "
+                        "fine detail at the head cost of level -2; --diagnosis-coarsen-levels of ortho_train)")
+    p.add_argument("--feature-t", type=int, default=None,
+                   help="diffusion-feature timestep of the encoders' input (default: the denoiser's, 100)")
+    p.add_argument("--variants", default="pretrained/whole,random/whole,pretrained/crop",
+                   help="encoders/input rows to run, comma separated")
     p.add_argument("--pooling", default="mil",
                    help="pooling of the whole-exam head, comma separated (the trainer's default: mil)")
     p.add_argument("--folds", type=int, default=5)
@@ -144,7 +151,8 @@ def pretrain(args: argparse.Namespace, pre: Path, plans: Dict) -> Dict[str, Dict
 # models and cached features
 # ------------------------------------------------------------------------------------------------------------
 def build_diag_model(plans: Dict, pre: Path, diagnosis_input: str, pretrained: bool, levels: Sequence[int],
-                     pooling: Sequence[str] = ("mil",), seed: int = 0):
+                     pooling: Sequence[str] = ("mil",), seed: int = 0, coarsen_levels: Sequence[int] = (),
+                     feature_t: Optional[int] = None):
     """The ``ortho_train --task diag`` model, encoders pretrained (from ``encoder.pt``) or at random init."""
     import torch
     from orthonet.diffusion import DEFAULT_T
@@ -160,7 +168,9 @@ def build_diag_model(plans: Dict, pre: Path, diagnosis_input: str, pretrained: b
                       levels=list(levels),
                       # the whole-exam head pools as ortho_train's (attention-MIL); the crop model keeps its pooling
                       head_kwargs={"pooling": list(pooling)} if diagnosis_input == "whole" else {},
-                      feature_t={v: DEFAULT_T for v in views} if diagnosis_input == "whole" else {})
+                      feature_t={v: DEFAULT_T if feature_t is None else feature_t for v in views}
+                      if diagnosis_input == "whole" else {},
+                      coarsen_levels=list(coarsen_levels) if diagnosis_input == "whole" else [])
     torch.manual_seed(seed)
     model = build_model(plans, cfg)
     if pretrained:
@@ -181,7 +191,7 @@ def load_diagnoses() -> Tuple[Dict[str, np.ndarray], List[str]]:
 
 
 def cache_features(model, plans: Dict, pre: Path, cases: Sequence[str], diagnosis_input: str,
-                   ) -> List[Dict[str, Tuple[List, List]]]:
+                   t: Optional[int] = None) -> List[Dict[str, Tuple[List, List]]]:
     """Per exam {view: (level maps, level masks)} of the frozen encoders (fixed noise seed per exam).
 
     Whole: every voxel of the stride-padded volume (``model.whole_features``, tiled where large). Crop: the
@@ -208,7 +218,7 @@ def cache_features(model, plans: Dict, pre: Path, cases: Sequence[str], diagnosi
                     per_view[v] = ([f.half() for f in feats[v]], masks[v])
                 else:
                     patch = plans["views"][v]["configurations"][CONFIG]["patch_size"]
-                    crop = diffusion_noise(center_crop(x, patch)[None], DEFAULT_T, None, gen)
+                    crop = diffusion_noise(center_crop(x, patch)[None], DEFAULT_T if t is None else t, None, gen)
                     skips = model.encode({v: crop})[v]
                     per_view[v] = ([skips[k].half() for k in model.levels[v]], None)
             out.append(per_view)
@@ -220,17 +230,18 @@ def cached_features(args: argparse.Namespace, model, plans: Dict, pre: Path, cas
     """:func:`cache_features`, kept on disk per encoder variant so reruns of the head (other steps, subsets) skip
     the encoder pass; the file is keyed by everything that changes the features and written atomically."""
     import torch
-    from orthonet.diffusion import DEFAULT_T
     folder = Path(args.feature_cache or Path(args.work) / "features")
     folder.mkdir(parents=True, exist_ok=True)
-    key = f"{encoders}_{diagnosis_input}_levels{args.levels.replace(',', '_')}_t{DEFAULT_T}_n{len(cases)}.pt"
+    coarse = (f"_coarsen{args.coarsen_levels.replace(',', '_')}" if args.coarsen_levels and diagnosis_input == "whole"
+              else "")
+    key = f"{encoders}_{diagnosis_input}_levels{args.levels.replace(',', '_')}{coarse}_t{feature_t(args)}_n{len(cases)}.pt"
     path = folder / key
     if path.is_file():
         blob = torch.load(path, weights_only=True)
         if blob["cases"] == list(cases):
             print(f"[features] {encoders}/{diagnosis_input}: reused {path}", flush=True)
             return blob["features"]
-    feats = cache_features(model, plans, pre, cases, diagnosis_input)
+    feats = cache_features(model, plans, pre, cases, diagnosis_input, feature_t(args))
     tmp = path.with_suffix(".tmp")
     torch.save({"cases": list(cases), "features": feats}, tmp)
     os.replace(tmp, path)
@@ -417,7 +428,8 @@ def markdown(results: Dict, names: Sequence[str], command: str) -> str:
         f"{pre.get('summary')}.",
         "",
         "Diagnosis: the `--task diag` model with encoders frozen (frozen-probe mode, `DiagTrainerDiffusionFeatures`), "
-        f"diffusion features at t = {results['feature_t']} of encoder levels {results['levels']}; the head (per view and "
+        f"diffusion features at t = {results['feature_t']} of encoder levels {results['levels']}"
+        f"{coarsened(results)}; the head (per view and "
         f"diagnosis (`{results['pooling']}` pooling), auxiliary view heads, concat fusion) trained "
         f"max({results['head_steps']}, {results.get('head_epochs', 0):g} epochs) AdamW steps of "
         f"{results['head_batch']} exams with the trainer's loss. 'no pretraining' = the same model with its encoders "
@@ -461,7 +473,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         (work / sub).mkdir(parents=True, exist_ok=True)
     import torch
     from benchmarks.report import machine_line, write_section
-    from orthonet.diffusion import DEFAULT_T
     from orthonet.planners.plans import load_plans
 
     torch.set_num_threads(args.threads)
@@ -475,11 +486,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     folds = stratified_folds(labels, args.folds, seed=args.seed)
     low_n = int(np.mean([max(2, round(args.fraction * (len(cases) - len(f)))) for f in folds]))
 
-    variants = [("pretrained", "whole"), ("random", "whole"), ("pretrained", "crop")]
+    variants = [tuple(v.split("/")) for v in args.variants.split(",") if v]
     rows, boots = {}, {}
     shapes = None
     for enc, inp in variants:
-        model = build_diag_model(plans, pre, inp, enc == "pretrained", ints(args.levels), args.pooling.split(","))
+        model = build_diag_model(plans, pre, inp, enc == "pretrained", ints(args.levels), args.pooling.split(","),
+                                 coarsen_levels=ints(args.coarsen_levels) if args.coarsen_levels else (),
+                                 feature_t=feature_t(args))
         t0 = time.time()
         feats = cached_features(args, model, plans, pre, cases, enc, inp)
         print(f"[features] {enc}/{inp}: {len(cases)} exams in {time.time() - t0:.0f} s", flush=True)
@@ -511,8 +524,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = {"date": _dt.date.today().isoformat(), "machine": machine_line(), "n_train": len(cases),
                "n_unlabeled": args.n_unlabeled, "size": args.size, "plan_args": args.plan_args,
                "folds": args.folds, "bootstrap": args.bootstrap, "fraction": args.fraction,
-               "subsets": args.subsets, "low_label_exams": low_n, "feature_t": DEFAULT_T,
-               "head_steps": args.head_steps, "head_epochs": args.head_epochs, "levels": args.levels, "pooling": args.pooling, "head_batch": args.head_batch, "shapes": shapes,
+               "subsets": args.subsets, "low_label_exams": low_n, "feature_t": feature_t(args),
+               "head_steps": args.head_steps, "head_epochs": args.head_epochs, "levels": args.levels,
+               "coarsen_levels": args.coarsen_levels, "pooling": args.pooling, "head_batch": args.head_batch, "shapes": shapes,
                "pretraining": {"steps": args.pretrain_steps, "patch": args.pretrain_patch or "planned",
                                "batch": args.pretrain_batch, "per_view": pre_stats, "summary": pre_summary},
                "diagnoses": names, "rows": rows, "paired_difference_low_labels": diff,
@@ -527,10 +541,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def stride_of(model, view: str, level_index: int) -> List[int]:
-    from orthonet.networks.build import cumulative_strides
-    return list(cumulative_strides(model.specs_by_view[view])[model.levels[view][level_index]])
+def feature_t(args: argparse.Namespace) -> int:
+    """The diffusion-feature timestep of this run (``--feature-t``, else the denoiser's default)."""
+    from orthonet.diffusion import DEFAULT_T
+    return DEFAULT_T if args.feature_t is None else int(args.feature_t)
 
+
+def coarsened(results: Dict) -> str:
+    """The markdown clause for ``--coarsen-levels`` (empty without)."""
+    c = results.get("coarsen_levels")
+    return f" (level(s) {c} max-pooled onto the next coarser level's grid)" if c else ""
+
+
+def stride_of(model, view: str, level_index: int) -> List[int]:
+    """Stride of a selected level's map as the head sees it (the next level's where it is coarsened)."""
+    from orthonet.networks.build import cumulative_strides
+    strides = cumulative_strides(model.specs_by_view[view])
+    level = model.levels[view][level_index]
+    return list(strides[level + 1] if level in getattr(model, "coarsened", {}).get(view, []) else strides[level])
 
 if __name__ == "__main__":
     raise SystemExit(main())

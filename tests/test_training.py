@@ -370,9 +370,14 @@ def test_whole_exam_diagnosis_is_the_default_and_the_centre_crop_model_stays_ava
     from orthonet.networks.whole_exam import total_stride
     from orthonet.networks.build import network_spec
     from orthonet.training.trainers import DiagTrainer, MultitaskTrainer
-    trainer = DiagTrainer(_options(multiview, task="diag", fusion="gating", feature_t={"*": 100}))
+    from orthonet.training.model_factory import ModelConfig, build_model
+    trainer = DiagTrainer(_options(multiview, task="diag", fusion="gating", feature_t={"*": 100},
+                                   diagnosis_coarsen_levels=[-3]))
     trainer.setup()
     assert trainer.model_cfg.diagnosis_input == "whole" and trainer.model.checkpoint_encoders == "auto"
+    assert trainer.model_cfg.coarsen_levels == [-3]                      # recorded, so prediction rebuilds it
+    rebuilt = build_model(trainer.plans, ModelConfig.from_dict(trainer.model_cfg.to_dict()))
+    assert rebuilt.coarsened == trainer.model.coarsened and all(rebuilt.coarsened.values())
     assert trainer.model_cfg.fusion == "gating" and set(trainer.model_cfg.feature_t) == set(trainer.model_cfg.views)
     batch = next(iter(trainer.build_train_loader()))
     assert batch["data"] == {} and set(batch["whole"]) == set(trainer.model_cfg.views)

@@ -15,7 +15,8 @@ from orthonet.errors import OrthoError
 from orthonet.networks import MultiTaskModel, MultiViewDiagnosisModel, make_test_spec
 from orthonet.networks.fusion import ViewGatingFusion
 from orthonet.networks.mil import GatedAttentionMIL
-from orthonet.networks.whole_exam import diffusion_noise, feature_masks, pad_to_stride, total_stride
+from orthonet.networks.whole_exam import (coarsen_kernel, coarsen_level, diffusion_noise, feature_masks, pad_to_stride,
+                                          total_stride)
 from orthonet.training.model_factory import ModelConfig
 
 torch.set_num_threads(1)
@@ -62,6 +63,48 @@ def test_feature_masks_cover_exactly_the_real_voxels():
     assert m[0].shape == (2, 8, 16, 16) and int(m[0][0].sum()) == 5 * 8 * 8 and bool(m[0][1].all())
     assert int(m[1][0].sum()) == 3 * 2 * 2 and bool(m[1][1].all())
     assert total_stride(SPEC) == [2, 4, 4]
+
+
+def test_coarsening_max_pools_real_positions_only_onto_the_next_levels_grid():
+    f = torch.zeros(1, 1, 2, 4, 4)
+    f[0, 0, 0, 0, 1] = 3.0                                 # a fine response inside the real extent
+    f[0, 0, 1, 3, 3] = 9.0                                 # a response on padding: must not win
+    mask = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+    mask[0, 1, 2:, 2:] = False
+    pooled, valid = coarsen_level(f, mask, [2, 2, 2])
+    assert pooled.shape == (1, 1, 1, 2, 2) and valid.shape == (1, 1, 2, 2) and bool(valid.all())
+    assert float(pooled[0, 0, 0, 0, 0]) == 3.0 and float(pooled[0, 0, 0, 1, 1]) == 0.0
+    none_valid = torch.zeros_like(mask)
+    p0, v0 = coarsen_level(f, none_valid, [2, 2, 2])
+    assert not bool(v0.any()) and float(p0.abs().sum()) == 0.0
+    assert coarsen_kernel(SPEC, 0) == [1, 2, 2] and coarsen_kernel(SPEC, 1) == [2, 2, 2]
+    with pytest.raises(ValueError, match="coarser"):
+        coarsen_kernel(SPEC, 2)
+    with pytest.raises(ValueError, match="multiple"):
+        coarsen_level(torch.zeros(1, 1, 3, 4, 4), torch.ones(1, 3, 4, 4, dtype=torch.bool), [2, 2, 2])
+
+
+def test_a_coarsened_level_sits_on_the_next_levels_grid_and_still_sees_an_edge_lesion():
+    """``coarsen_levels=[-3]``: level -3's map comes out on level -2's grid (masks too), the head's channels are
+    unchanged, a small focus at the volume edge still moves the logits, and a level that is not selected (or the
+    deepest) is refused."""
+    plain, coarse = _model(seed=3, levels=[-3, -2, -1]), _model(seed=3, levels=[-3, -2, -1], coarsen_levels=[-3])
+    coarse.load_state_dict(plain.state_dict())             # same parameters: only the grid differs
+    base = _vol((12, 96, 96), 11)
+    lesion = base.clone()
+    lesion[..., 1:3, 2:5, 90:93] += 4.0
+    with torch.no_grad():
+        fp, _ = plain.whole_features({"sagittal": base})
+        fc, mc = coarse.whole_features({"sagittal": base})
+        d = (coarse({"sagittal": lesion})["logits"] - coarse({"sagittal": base})["logits"]).abs().max()
+    assert fc["sagittal"][0].shape[2:] == fp["sagittal"][1].shape[2:] == mc["sagittal"][0].shape[1:]
+    assert fc["sagittal"][0].shape[1] == fp["sagittal"][0].shape[1]
+    assert torch.equal(fc["sagittal"][1], fp["sagittal"][1])
+    assert float(d) > 1e-3
+    with pytest.raises(OrthoError, match="coarsen_levels"):
+        _model(levels=[-2, -1], coarsen_levels=[-3])
+    with pytest.raises(OrthoError, match="coarsen_levels"):
+        _model(levels=[-2, -1], coarsen_levels=[-1])
 
 
 def test_whole_volume_and_tiled_features_agree():

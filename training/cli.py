@@ -116,6 +116,9 @@ def build_train_parser() -> argparse.ArgumentParser:
                         "e.g. 100 or sagittal=100,coronal=50 (OrthoDiffusion uses 50-200); default: clean input")
     p.add_argument("--diagnosis-levels", type=int, nargs="+", default=None, metavar="L",
                    help="encoder levels the diagnosis pools, e.g. -3 -2 -1 (the default: the last three)")
+    p.add_argument("--diagnosis-coarsen-levels", type=int, nargs="+", default=None, metavar="L",
+                   help="whole-exam diagnosis: of --diagnosis-levels, those max-pooled onto the next coarser level's "
+                        "grid before the attention pooling, e.g. -3 (fine detail at a coarse level's head cost)")
     p.add_argument("--loss-weights", type=float, nargs=2, metavar=("SEG", "DIAG"), default=None,
                    help="multitask: weights of the segmentation and diagnosis losses (default 1 1)")
     p.add_argument("--no-final-validation", action="store_true", help="skip the full-volume validation at the end")
@@ -146,7 +149,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                            plans_name=args.plans, seed=args.seed, fuse_views=args.fuse_views, fusion=args.fusion,
                            final_validation=not args.no_final_validation, loss_weights=args.loss_weights,
                            diagnosis_input=args.diagnosis_input, feature_t=parse_feature_t(args.feature_t),
-                           diagnosis_levels=args.diagnosis_levels, compile=args.compile)
+                           diagnosis_levels=args.diagnosis_levels,
+                           diagnosis_coarsen_levels=args.diagnosis_coarsen_levels, compile=args.compile)
     trainer = cls(options)
     trainer.run()
     print(f"results: {trainer.output_dir}")

@@ -40,6 +40,8 @@ class ModelConfig:
     # checkpoints written before whole-exam diagnosis (their descriptions lack the key, so they load as they were)
     diagnosis_input: str = "crop"
     feature_t: Dict[str, Optional[int]] = field(default_factory=dict)   # diffusion-feature timestep per view
+    # whole-exam diagnosis levels max-pooled onto the next coarser level's grid (``--diagnosis-coarsen-levels``)
+    coarsen_levels: List[int] = field(default_factory=list)
     # per view, the spatial axes training mirrored (nnU-Net's inference_allowed_mirroring_axes), which bound the
     # mirroring TTA; None: a description written before the field, mirrored along every axis as it always was
     allowed_mirroring_axes: Optional[Dict[str, List[int]]] = None
@@ -111,11 +113,13 @@ def build_model(plans: Dict, cfg: ModelConfig) -> nn.Module:
     if cfg.task == "diag":
         return MultiViewDiagnosisModel(specs, cfg.channels_by_view, cfg.n_diagnoses, fusion=cfg.fusion,
                                        levels=cfg.levels, whole_exam=cfg.diagnosis_input == "whole",
-                                       feature_t=cfg.feature_t, **cfg.head_kwargs)
+                                       feature_t=cfg.feature_t, coarsen_levels=cfg.coarsen_levels,
+                                       **cfg.head_kwargs)
     return MultiTaskModel(specs, cfg.channels_by_view, cfg.segmentation_view, cfg.num_classes, cfg.n_diagnoses,
                           deep_supervision=cfg.deep_supervision, fusion=cfg.fusion, levels=cfg.levels,
                           fuse_views=cfg.fuse_views, seg_head=cfg.seg_head,
-                          whole_exam=cfg.diagnosis_input == "whole", feature_t=cfg.feature_t, **cfg.head_kwargs)
+                          whole_exam=cfg.diagnosis_input == "whole", feature_t=cfg.feature_t,
+                          coarsen_levels=cfg.coarsen_levels, **cfg.head_kwargs)
 
 
 def has_segmentation(cfg: ModelConfig) -> bool:

@@ -39,6 +39,7 @@ class TrainOptions:
     diagnosis_input: str = "whole"             # whole exams (attention-MIL) | crop (the old centre-crop model)
     feature_t: Optional[Dict[str, Optional[int]]] = None   # diffusion-feature timestep per view (None: clean)
     diagnosis_levels: Optional[List[int]] = None            # encoder levels the diagnosis pools (None: last 3)
+    diagnosis_coarsen_levels: Optional[List[int]] = None    # of those, max-pooled onto the next level's grid
     compile: bool = False                      # torch.compile the training network (ORTHO_COMPILE_BACKEND)
 
     def __post_init__(self) -> None:

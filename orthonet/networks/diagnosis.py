@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from orthonet.errors import OrthoError
 from orthonet.networks.build import build_encoder, cumulative_strides, encoder_output_channels, resolve_levels
 from orthonet.networks.fusion import make_fusion, presence_masks
 from orthonet.networks.heads import POOLING_MODES, MultiLevelPooling, ViewDiagnosisHead
-from orthonet.networks.whole_exam import (diffusion_noise, encode_tiled, feature_masks, pad_to_stride, padded_shape,
-                                          run_encoder, total_stride)
+from orthonet.networks.whole_exam import (coarsen_kernel, coarsen_level, diffusion_noise, encode_tiled, feature_masks,
+                                          pad_to_stride, padded_shape, run_encoder, total_stride)
 
 LevelsArg = Union[None, Sequence[int], Dict[str, Optional[Sequence[int]]]]
 MISSING_VIEW_POLICIES = ("fusion", "average")
@@ -107,6 +108,9 @@ class WholeExamDiagnosis:
       encoder forward per step).
     * ``feature_t``: {view: timestep or None}, OrthoDiffusion's diffusion features (input noised to t).
     * ``tile``: with gradients off, volumes larger than ``tile_voxels`` voxels are encoded tile by tile.
+    * ``coarsened``: {view: [selected levels]} whose maps (and masks) are max-pooled onto the next coarser encoder
+      level's grid before the head (:func:`orthonet.networks.whole_exam.coarsen_level`): fine detail at the
+      pooling cost of a coarse level.
     """
 
     checkpoint_encoders: Union[bool, str] = False
@@ -127,6 +131,21 @@ class WholeExamDiagnosis:
         if unknown:
             raise ValueError(f"feature_t names unknown view(s) {unknown}; the model has {list(self.specs_by_view)}")
         self.feature_t = {v: (None if t is None else int(t)) for v, t in (feature_t or {}).items()}
+
+    def _setup_coarsening(self, coarsen_levels: Optional[Sequence[int]]) -> None:
+        """Resolve ``coarsen_levels`` (as in ``levels``; needs ``self.levels``) per view; each must be a selected
+        level with a coarser encoder level after it."""
+        self.coarsened = {}
+        for v, spec in self.specs_by_view.items():
+            n = len(encoder_output_channels(spec))
+            chosen = resolve_levels(list(coarsen_levels), n) if coarsen_levels else []
+            bad = [lv for lv in chosen if lv not in self.levels[v] or lv == n - 1]
+            if bad:
+                raise OrthoError(f"coarsen_levels {list(coarsen_levels)}: level(s) {bad} of view '{v}' are not "
+                                 f"selected diagnosis levels {self.levels[v]} with a coarser level after them",
+                                 fix="name levels of --diagnosis-levels other than the deepest (e.g. -3 with the "
+                                     "default -3 -2 -1)")
+            self.coarsened[v] = chosen
 
     def _whole_features(self, view: str, x: torch.Tensor, shape: torch.Tensor,
                         generator: Optional[torch.Generator], tile: Optional[Sequence[int]]):
@@ -153,7 +172,13 @@ class WholeExamDiagnosis:
                 target = [max(p[k].shape[2 + a] for p in per) for a in range(x.ndim - 2)]
                 feats.append(torch.cat([pad_to_stride(p[k], [1] * len(target), target) for p in per]))
         strides = [cumulative_strides(spec)[i] for i in levels]
-        return feats, feature_masks(shape.to(x.device), strides, [f.shape[2:] for f in feats])
+        masks = feature_masks(shape.to(x.device), strides, [f.shape[2:] for f in feats])
+        pooled = getattr(self, "coarsened", {}).get(view, [])
+        if pooled:
+            fm = [coarsen_level(f, m, coarsen_kernel(spec, lv)) if lv in pooled else (f, m)
+                  for f, m, lv in zip(feats, masks, levels)]
+            feats, masks = [f for f, _ in fm], [m for _, m in fm]
+        return feats, masks
 
     def _encode(self, view: str, x: torch.Tensor, tile: Optional[Sequence[int]]) -> List[torch.Tensor]:
         """The selected levels' feature maps of stride-padded volumes of one size (tiled when asked or large)."""
@@ -238,11 +263,13 @@ class MultiViewDiagnosisModel(WholeExamDiagnosis, nn.Module):
 
     def __init__(self, specs_by_view: Dict[str, Dict], channels_by_view: Dict[str, int], n_diagnoses: int,
                  fusion: str = "concat", levels: LevelsArg = None, whole_exam: bool = False,
-                 feature_t: Optional[Dict[str, Optional[int]]] = None, **head_kwargs):
+                 feature_t: Optional[Dict[str, Optional[int]]] = None,
+                 coarsen_levels: Optional[Sequence[int]] = None, **head_kwargs):
         super().__init__()
         self.specs_by_view = dict(specs_by_view)
         self._setup_whole_exam(whole_exam, feature_t)
         self.levels = levels_by_view(specs_by_view, levels)
+        self._setup_coarsening(coarsen_levels)
         self.encoders = nn.ModuleDict({v: build_encoder(s, channels_by_view[v]) for v, s in specs_by_view.items()})
         level_channels = {v: [encoder_output_channels(s)[i] for i in self.levels[v]]
                           for v, s in specs_by_view.items()}

@@ -260,12 +260,14 @@ class MultiTaskModel(WholeExamDiagnosis, _SegmentationBase):
     def __init__(self, specs_by_view: Dict[str, Dict], channels_by_view: Dict[str, int], seg_view: str,
                  num_classes: int, n_diagnoses: int, deep_supervision: bool = False, fusion: str = "concat",
                  levels: LevelsArg = None, fuse_views: bool = False, seg_head: str = "unet", whole_exam: bool = False,
-                 feature_t: Optional[Dict[str, Optional[int]]] = None, **head_kwargs):
+                 feature_t: Optional[Dict[str, Optional[int]]] = None,
+                 coarsen_levels: Optional[Sequence[int]] = None, **head_kwargs):
         super().__init__()
         self._build_segmentation(specs_by_view, channels_by_view, seg_view, num_classes, deep_supervision,
                                  fuse_views, list(specs_by_view), seg_head)
         self._setup_whole_exam(whole_exam, feature_t)
         self.levels = levels_by_view(specs_by_view, levels)
+        self._setup_coarsening(coarsen_levels)
         level_channels = {v: [encoder_output_channels(s)[i] for i in self.levels[v]]
                           for v, s in specs_by_view.items()}
         self.diagnosis = DiagnosisHead(level_channels, n_diagnoses, fusion=fusion, **head_kwargs)

@@ -73,6 +73,37 @@ def feature_masks(shapes: torch.Tensor, level_strides: Sequence[Shape], feature_
     return out
 
 
+def coarsen_level(feature: torch.Tensor, mask: torch.Tensor, kernel: Shape) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Max-pool a level's map (B, C, *spatial) and its validity mask (B, *spatial) by ``kernel`` (e.g. onto the
+    next coarser encoder level's grid): each coarse cell keeps the strongest response of the fine positions it
+    covers that lie on real voxels (padding never wins), and is valid if any of them is.
+
+    Why: a lesion a few voxels wide (a meniscal cleft) lights up fine-level detectors at a handful of positions;
+    the max keeps that signal while the attention pooling then sees ``prod(kernel)`` times fewer positions, which
+    is what makes a fine level affordable for the head.
+    """
+    kernel = [int(k) for k in kernel]
+    if all(k == 1 for k in kernel):
+        return feature, mask
+    if feature.ndim - 2 != len(kernel) or any(n % k for n, k in zip(feature.shape[2:], kernel)):
+        raise ValueError(f"cannot max-pool a feature map of size {list(feature.shape[2:])} by {kernel}: "
+                         "the size must be a multiple of the kernel (stride-padded volumes give that)")
+    pool = torch.nn.functional.max_pool3d if len(kernel) == 3 else torch.nn.functional.max_pool2d
+    low = torch.finfo(feature.dtype).min
+    pooled = pool(feature.masked_fill(~mask[:, None], low), kernel, kernel)
+    valid = pool(mask[:, None].to(feature.dtype), kernel, kernel)[:, 0] > 0
+    return pooled.masked_fill(~valid[:, None], 0), valid
+
+
+def coarsen_kernel(spec: Dict, level: int) -> List[int]:
+    """Stride ratio of encoder level ``level`` (non-negative) to the next coarser level: the max-pool kernel that
+    puts ``level``'s map on the next level's grid."""
+    strides = cumulative_strides(spec)
+    if not 0 <= level < len(strides) - 1:
+        raise ValueError(f"level {level} has no coarser encoder level to be pooled onto (levels 0..{len(strides) - 1})")
+    return [int(b) // int(a) for a, b in zip(strides[level], strides[level + 1])]
+
+
 def run_encoder(encoder: nn.Module, x: torch.Tensor, use_checkpoint: bool = False) -> List[torch.Tensor]:
     """All skips of a DNA encoder (PlainConvEncoder / ResidualEncoder), each stage optionally checkpointed."""
     stem = getattr(encoder, "stem", None)

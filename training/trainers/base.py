@@ -198,6 +198,7 @@ class BaseTrainer:
                            head_kwargs=head_kwargs, seg_head=self.seg_head,
                            diagnosis_input="whole" if whole else "crop",
                            feature_t={v: t for v, t in feature_t.items() if v in views},
+                           coarsen_levels=list(self.opts.diagnosis_coarsen_levels or []) if whole else [],
                            allowed_mirroring_axes=self.mirrored_axes(views, whole))
 
     def mirrored_axes(self, views: Sequence[str], whole: bool) -> Dict[str, List[int]]:
