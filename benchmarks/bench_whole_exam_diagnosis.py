@@ -234,7 +234,8 @@ def cached_features(args: argparse.Namespace, model, plans: Dict, pre: Path, cas
     folder.mkdir(parents=True, exist_ok=True)
     coarse = (f"_coarsen{args.coarsen_levels.replace(',', '_')}" if args.coarsen_levels and diagnosis_input == "whole"
               else "")
-    key = f"{encoders}_{diagnosis_input}_levels{args.levels.replace(',', '_')}{coarse}_t{feature_t(args)}_n{len(cases)}.pt"
+    levels = args.levels.replace(",", "_")
+    key = f"{encoders}_{diagnosis_input}_levels{levels}{coarse}_t{feature_t(args)}_n{len(cases)}.pt"
     path = folder / key
     if path.is_file():
         blob = torch.load(path, weights_only=True)
@@ -526,7 +527,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "folds": args.folds, "bootstrap": args.bootstrap, "fraction": args.fraction,
                "subsets": args.subsets, "low_label_exams": low_n, "feature_t": feature_t(args),
                "head_steps": args.head_steps, "head_epochs": args.head_epochs, "levels": args.levels,
-               "coarsen_levels": args.coarsen_levels, "pooling": args.pooling, "head_batch": args.head_batch, "shapes": shapes,
+               "coarsen_levels": args.coarsen_levels, "pooling": args.pooling, "head_batch": args.head_batch,
+               "shapes": shapes,
                "pretraining": {"steps": args.pretrain_steps, "patch": args.pretrain_patch or "planned",
                                "batch": args.pretrain_batch, "per_view": pre_stats, "summary": pre_summary},
                "diagnoses": names, "rows": rows, "paired_difference_low_labels": diff,
