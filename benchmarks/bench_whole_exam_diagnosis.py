@@ -560,7 +560,7 @@ def stride_of(model, view: str, level_index: int) -> List[int]:
     from orthonet.networks.build import cumulative_strides
     strides = cumulative_strides(model.specs_by_view[view])
     level = model.levels[view][level_index]
-    return list(strides[level + 1] if level in getattr(model, "coarsened", {}).get(view, []) else strides[level])
+    return list(strides[level + 1] if level in model.coarsened.get(view, []) else strides[level])
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -173,7 +173,7 @@ class WholeExamDiagnosis:
                 feats.append(torch.cat([pad_to_stride(p[k], [1] * len(target), target) for p in per]))
         strides = [cumulative_strides(spec)[i] for i in levels]
         masks = feature_masks(shape.to(x.device), strides, [f.shape[2:] for f in feats])
-        pooled = getattr(self, "coarsened", {}).get(view, [])
+        pooled = self.coarsened.get(view, [])
         if pooled:
             fm = [coarsen_level(f, m, coarsen_kernel(spec, lv)) if lv in pooled else (f, m)
                   for f, m, lv in zip(feats, masks, levels)]
