@@ -4,7 +4,9 @@ On a synthetic knee dataset with unlabeled scans: pretrain one diffusion model p
 trainer of ``--trainers`` (default: the multitask model, segmentation + diagnosis) at every label fraction (1.0 and
 0.1), each from scratch and from the pretrained encoders, and report mean Dice and macro AUC of the fold's
 full-volume validation. ``--task seg --trainers SegTrainer SegTrainerPyramid`` compares the U-Net with the pyramid
-head (docs/training.md). Results go to docs/benchmarks.md (section ``bench_label_efficiency``).
+head (docs/training.md); ``--trainers default`` runs ``ortho_train`` without ``-tr``, so each initialisation gets the
+trainer a user gets (the pyramid head when encoders load, the U-Net without). Results go to docs/benchmarks.md
+(section ``bench_label_efficiency``).
 
     python benchmarks/bench_label_efficiency.py            # ~40-60 min on 2 CPU cores
     python benchmarks/bench_label_efficiency.py --quick    # a smoke run of the whole path (minutes)
@@ -41,7 +43,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1])
     p.add_argument("--task", default="multitask", choices=["seg", "diag", "multitask"])
     p.add_argument("--trainers", nargs="+", default=None,
-                   help="trainer classes to compare (default: the task's default trainer)")
+                   help="trainer classes to compare; 'default' = no -tr, the trainer ortho_train picks for each "
+                        "initialisation (default: the task's plain trainer)")
     p.add_argument("--val-iterations", type=int, default=None, help="online validation batches per epoch")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -52,6 +55,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.train, args.unlabeled, args.test = 12, 12, 4
         args.pretrain_steps, args.epochs, args.iterations_per_epoch = 20, 2, 3
     return args
+
+
+#: ``--trainers`` entry for "no -tr": the trainer ``ortho_train`` itself picks (``training.cli.default_trainer``).
+DEFAULT = "default"
 
 
 def _call(fn, argv: List[str]) -> None:
@@ -82,6 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               + (["--base-features", str(args.base_features)] if args.base_features else []))
     timings["data"] = time.time() - start
     t = time.time()
+    from orthonet.training.cli import default_trainer
     from orthonet.training.trainers import DEFAULT_TRAINER_FOR_TASK
     trainers = args.trainers or [DEFAULT_TRAINER_FOR_TASK[args.task]]
     # segmentation alone needs only the segmentation view's denoiser
@@ -94,17 +102,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         for trainer in trainers:
             for pretrained in ("none", "auto"):
                 t = time.time()
-                _call(train_cli, [d, "3d_fullres", "0", "-tr", trainer, "--task", args.task, "--label-fraction",
-                                  str(fraction), "--pretrained", pretrained, "--epochs", str(args.epochs),
-                                  "--iterations-per-epoch", str(args.iterations_per_epoch), "--device", args.device,
-                                  "--seed", str(args.seed)]
+                used = trainer
+                if trainer == DEFAULT:     # what ortho_train picks without -tr, for this initialisation
+                    used = default_trainer(args.task, "Dataset101_Knee", "3d_fullres", "orthoPlans", pretrained)[0]
+                _call(train_cli, [d, "3d_fullres", "0"] + (["-tr", trainer] if trainer != DEFAULT else [])
+                      + ["--task", args.task, "--label-fraction", str(fraction), "--pretrained", pretrained,
+                         "--epochs", str(args.epochs), "--iterations-per-epoch", str(args.iterations_per_epoch),
+                         "--device", args.device, "--seed", str(args.seed)]
                       + (["--val-iterations", str(args.val_iterations)] if args.val_iterations else []))
-                folder = f"{trainer}__orthoPlans__3d_fullres" + (f"__lf{fraction:g}" if fraction < 1 else "") + \
+                folder = f"{used}__orthoPlans__3d_fullres" + (f"__lf{fraction:g}" if fraction < 1 else "") + \
                          ("__scratch" if pretrained == "none" else "")
                 fold = work / "results" / "Dataset101_Knee" / folder / "fold_0"
                 summary = json.loads((fold / "validation" / "summary.json").read_text(encoding="utf-8"))
                 run = json.loads((fold / "run_config.json").read_text(encoding="utf-8"))
-                results.append({"fraction": fraction, "trainer": trainer,
+                results.append({"fraction": fraction, "trainer": trainer, "trainer_used": used,
                                 "init": "pretrained" if pretrained == "auto" else "scratch",
                                 "labelled": len(run["labelled_training_cases"]), "val_cases": len(summary["cases"]),
                                 "mean_dice": summary.get("segmentation", {}).get("mean_dice"),
@@ -118,6 +129,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def _trainer(r: Dict) -> str:
+    used = r.get("trainer_used", r["trainer"])
+    return used if used == r["trainer"] else f"{r['trainer']} ({used})"
+
+
 def _f(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
@@ -127,7 +143,7 @@ def _diff(a, b) -> str:
 
 
 def report(args, results: List[Dict], timings: Dict[str, float]) -> str:
-    rows = "\n".join(f"| {r['fraction']:g} ({r['labelled']} cases) | {r['trainer']} | {r['init']} | "
+    rows = "\n".join(f"| {r['fraction']:g} ({r['labelled']} cases) | {_trainer(r)} | {r['init']} | "
                      f"{_f(r['mean_dice'])} | {_f(r['macro_auc'])} | {r['minutes']:.1f} |" for r in results)
     by = {(r["fraction"], r["trainer"], r["init"]): r for r in results}
     lines = []

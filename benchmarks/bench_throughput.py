@@ -59,7 +59,7 @@ sys.path.insert(0, str(REPO))
 # light imports only: --driver also runs under nnU-Net's Python
 from benchmarks.bench_preprocess import (NNUNET_VERSION, copy_segmentation_view, ensure_nnunet_venv,  # noqa: E402
                                          run_measured, write_nnunet_dataset_json)
-from benchmarks.common import driver_job, driver_result, write_driver_result  # noqa: E402
+from benchmarks.common import count_flops, driver_job, driver_result, utilisation, write_driver_result  # noqa: E402
 
 DATASET_ID = 994
 DATASET_NAME = f"Dataset{DATASET_ID}_ThroughputKnee"
@@ -136,6 +136,7 @@ def _drive_ortho_trainer(job: Dict) -> Dict:
     trainer.network.train()
     try:
         times = _timed_steps(job["iterations"], lambda: trainer.train_step(trainer.to_device(next(loader))))
+        flops = count_flops(lambda: trainer.train_step(trainer.to_device(next(loader))))
     finally:
         if hasattr(loader, "close"):
             loader.close()
@@ -144,7 +145,7 @@ def _drive_ortho_trainer(job: Dict) -> Dict:
     cfg = trainer.plans["views"][view]["configurations"][CONFIG]
     return {"times": times, "batch_size": int(cfg["batch_size"]), "patch_size": cfg["patch_size"],
             "model_folder": str(trainer.output_dir.parent), "views": list(trainer.model_cfg.views),
-            "mirror_axes": trainer.model_cfg.allowed_mirroring_axes}
+            "mirror_axes": trainer.model_cfg.allowed_mirroring_axes, "flops_per_step": flops}
 
 
 def _drive_ortho_pretrain(job: Dict) -> Dict:
@@ -166,9 +167,11 @@ def _drive_ortho_pretrain(job: Dict) -> Dict:
     trainer.generator = torch.Generator().manual_seed(seed)
     try:
         times = _timed_steps(job["iterations"], lambda: trainer.train_step(next(loader)))
+        flops = count_flops(lambda: trainer.train_step(next(loader)))
     finally:
         loader.close()
-    return {"times": times, "batch_size": trainer.batch_size, "patch_size": trainer.spec_patch(), "view": view}
+    return {"times": times, "batch_size": trainer.batch_size, "patch_size": trainer.spec_patch(), "view": view,
+            "flops_per_step": flops}
 
 
 def _drive_nnunet_trainer(job: Dict) -> Dict:
@@ -181,13 +184,14 @@ def _drive_nnunet_trainer(job: Dict) -> Dict:
     trainer.on_train_epoch_start()            # network.train(), the epoch's learning rate
     try:
         times = _timed_steps(job["iterations"], lambda: trainer.train_step(next(trainer.dataloader_train)))
+        flops = count_flops(lambda: trainer.train_step(next(trainer.dataloader_train)))
     finally:
         trainer.on_train_end()                # writes fold_0/checkpoint_final.pth, stops the loaders
     cm = trainer.configuration_manager
     _, _, _, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     return {"times": times, "batch_size": int(cm.batch_size), "patch_size": list(cm.patch_size),
             "model_folder": str(trainer.output_folder_base),
-            "mirror_axes": list(mirror_axes) if mirror_axes is not None else []}
+            "mirror_axes": list(mirror_axes) if mirror_axes is not None else [], "flops_per_step": flops}
 
 
 def driver_main(job_path: Path) -> int:
@@ -205,6 +209,7 @@ def driver_main(job_path: Path) -> int:
     result["process_seconds"] = time.perf_counter() - t0
     result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     result["torch_threads"] = torch.get_num_threads()
+    result["device_name"] = torch.cuda.get_device_name() if str(job["device"]).startswith("cuda") else "cpu"
     write_driver_result(job, result)
     return 0
 
@@ -323,6 +328,7 @@ def run_driver(name: str, kind: str, python: str, job: Dict, work: Path, env: Di
     steps = result["times"][job["warmup"]:]
     result["step_s"] = statistics.median(steps)
     result["it_per_s"] = len(steps) / sum(steps)
+    result.update(utilisation(result.get("flops_per_step"), result["step_s"], result.get("device_name")))
     return result
 
 
@@ -408,8 +414,11 @@ def summarise(rounds: List[Dict[str, Dict]]) -> Dict:
         return statistics.median(r[name][key] for r in rounds)
 
     s = {name: {key: med(name, key) for key in ("step_s", "it_per_s", "peak_pss_mb", "wall_s", "s_per_case",
-                                                 "patches_per_s") if key in rounds[0][name]}
+                                                 "patches_per_s", "flops_per_step") if key in rounds[0][name]}
          for name in rounds[0]}
+    for name, r in s.items():           # utilisation of the median step (the FLOPs of a step do not vary)
+        if "step_s" in r:
+            r.update(utilisation(r.get("flops_per_step"), r["step_s"], rounds[0][name].get("device_name")))
     ratios = {"seg_step": s["seg_orthonet"]["step_s"] / s["seg_nnunet"]["step_s"],
               "seg_peak_memory": s["seg_orthonet"]["peak_pss_mb"] / s["seg_nnunet"]["peak_pss_mb"],
               "predict": s["predict_orthonet"]["s_per_case"] / s["predict_nnunet"]["s_per_case"],
@@ -491,7 +500,34 @@ def section_body(args: argparse.Namespace, summary: Dict, plans: Dict[str, Dict]
 |---|---|---|---|---|---|
 | `MultitaskTrainer` step (views {', '.join(rounds[0]['multitask_orthonet']['views'])}) | {m['multitask_orthonet']['step_s']:.3f} s/it ({runs('multitask_orthonet', 'step_s', '{:.3f}')}) | {m['multitask_orthonet']['it_per_s']:.3f} it/s | {m['multitask_orthonet']['peak_pss_mb']:.0f} | **{r['multitask_vs_seg']:.2f}x** the segmentation step | <= {TARGETS['multitask_vs_seg']}: {v['multitask_vs_seg']} |
 | pretraining step (`DiffusionPretrainer`, {pre['view']}, patch {pre['patch_size']}, batch {pre['batch_size']}) | {m['pretrain_orthonet']['step_s']:.3f} s/step ({runs('pretrain_orthonet', 'step_s', '{:.3f}')}) | {m['pretrain_orthonet']['patches_per_s']:.2f} patches/s | {m['pretrain_orthonet']['peak_pss_mb']:.0f} | | |
+{flops_table(summary, rounds)}
 """
+
+
+#: rows of the FLOP table: measurement name -> what it is
+FLOP_ROWS = {"seg_orthonet": "orthonet `SegTrainer` step", "seg_nnunet": "nnU-Net `nnUNetTrainer` step",
+             "multitask_orthonet": "orthonet `MultitaskTrainer` step",
+             "pretrain_orthonet": "orthonet pretraining step"}
+
+
+def flops_table(summary: Dict, rounds: List[Dict]) -> str:
+    """Model FLOPs per training step (``benchmarks.common.count_flops``: one extra step after the timed ones),
+    achieved TFLOP/s at the median step, and MFU against the device's bf16 dense peak (GPUs only)."""
+    m = summary["medians"]
+    device = rounds[0]["seg_orthonet"].get("device_name", "cpu")
+    rows = []
+    for name, label in FLOP_ROWS.items():
+        r = m.get(name, {})
+        if not r.get("flops_per_step"):
+            continue
+        mfu = "n/a (no bf16 peak known for this device)" if r.get("mfu") is None else f"**{100 * r['mfu']:.1f} %**"
+        rows.append(f"| {label} | {r['flops_per_step'] / 1e9:.1f} | {r['tflops_per_s']:.3f} | {mfu} |")
+    if not rows:
+        return ""
+    return ("Model FLOPs (forward + backward convolutions and matrix products counted by "
+            f"`torch.utils.flop_counter` on one step; device `{device}`; MFU target >= 40 % on an H100):\n\n"
+            "| training step | GFLOP per step | achieved TFLOP/s | MFU (bf16 dense peak) |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

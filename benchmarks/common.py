@@ -1,5 +1,6 @@
-"""Steps several benchmarks share: parsing number lists, generating + planning a synthetic dataset once, and
-running one measurement per process from a job file (light imports only: drivers also run under nnU-Net's Python)."""
+"""Steps several benchmarks share: parsing number lists, generating + planning a synthetic dataset once, running
+one measurement per process from a job file, and counting a training step's model FLOPs for its utilisation (light
+imports only: drivers also run under nnU-Net's Python)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 
 def ints(text: str) -> List[int]:
@@ -66,3 +67,41 @@ def driver_result(job: Dict, code: int, what: str, log: str = "its output above"
     if code != 0 or not Path(job["out"]).is_file():
         raise SystemExit(f"{what} failed (exit code {code}); see {log}")
     return json.loads(Path(job["out"]).read_text(encoding="utf-8"))
+
+
+#: Dense (no sparsity) bf16 tensor-core peak in FLOP/s by a fragment of ``torch.cuda.get_device_name()``, from
+#: NVIDIA's data sheets; the first fragment found wins, so the specific names come before "H100".
+BF16_PEAK_FLOPS: Tuple[Tuple[str, float], ...] = (
+    ("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100 NVL", 835.0e12), ("H100", 989.4e12),
+    ("A100", 312.0e12), ("L40S", 362.05e12), ("A10G", 70.0e12))
+
+
+def bf16_peak_flops(device_name: Optional[str]) -> Optional[float]:
+    """The bf16 dense peak of a named GPU, or None (a CPU, an unknown card): then no utilisation is claimed."""
+    for fragment, peak in BF16_PEAK_FLOPS:
+        if device_name and fragment.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def count_flops(step: Callable[[], object]) -> int:
+    """Model FLOPs of one call of ``step`` (forward and backward convolutions and matrix products, as
+    ``torch.utils.flop_counter`` counts them; elementwise ops and the optimizer are left out, the usual MFU
+    convention). Why a counter and not a formula: the trainers differ (deep supervision, pyramid head, three
+    encoders), and the counter sees what really ran."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def utilisation(flops_per_step: Optional[float], step_s: float, device_name: Optional[str]) -> Dict[str, Optional[float]]:
+    """Achieved TFLOP/s of a step and its model-FLOPs utilisation against the device's bf16 peak (None where the
+    peak is unknown, e.g. on a CPU)."""
+    if not flops_per_step or step_s <= 0:
+        return {"tflops_per_s": None, "mfu": None}
+    achieved = flops_per_step / step_s
+    peak = bf16_peak_flops(device_name)
+    return {"tflops_per_s": achieved / 1e12, "mfu": achieved / peak if peak else None}

@@ -48,3 +48,52 @@ def test_a_failed_or_silent_driver_is_one_clear_error(tmp_path, body):
     code = subprocess.call(cmd)
     with pytest.raises(SystemExit, match=r"seg step failed \(exit code " + str(code) + r"\); see /x/log"):
         driver_result(job, code, "seg step", "/x/log")
+
+
+def test_count_flops_sees_forward_and_backward_of_a_convolution():
+    """A 3x3x3 convolution's forward costs 2 * Cout * Cin * 27 per output voxel; its backward the same again for
+    the weight gradient and once more for the input gradient when the input needs one (3x in all)."""
+    import torch
+
+    from benchmarks.common import count_flops
+
+    conv = torch.nn.Conv3d(2, 4, 3, padding=1, bias=False)
+    forward = 2 * 4 * 2 * 27 * (4 * 5 * 6)
+    x = torch.randn(1, 2, 4, 5, 6)
+    assert count_flops(lambda: conv(x)) == forward
+    assert count_flops(lambda: conv(x).sum().backward()) == 2 * forward
+    assert count_flops(lambda: conv(x.requires_grad_()).sum().backward()) == 3 * forward
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756.0e12),
+                                        ("NVIDIA H200", 989.4e12), ("NVIDIA A100-SXM4-80GB", 312.0e12),
+                                        ("cpu", None), (None, None)])
+def test_bf16_peak_by_device_name(name, peak):
+    from benchmarks.common import bf16_peak_flops
+    assert bf16_peak_flops(name) == peak
+
+
+def test_utilisation_is_achieved_over_peak_and_absent_without_a_peak():
+    from benchmarks.common import utilisation
+
+    gpu = utilisation(989.4e12 * 0.5, 2.0, "NVIDIA H100 80GB HBM3")       # half the peak's work, in 2 s
+    assert gpu["mfu"] == pytest.approx(0.25) and gpu["tflops_per_s"] == pytest.approx(989.4 / 4)
+    cpu = utilisation(2e12, 4.0, "cpu")
+    assert cpu == {"tflops_per_s": pytest.approx(0.5), "mfu": None}
+    assert utilisation(None, 1.0, "NVIDIA H100") == {"tflops_per_s": None, "mfu": None}
+
+
+def test_throughput_flop_table_reports_mfu_on_a_known_gpu_only():
+    from benchmarks.bench_throughput import flops_table
+
+    def summary(device):
+        from benchmarks.common import utilisation
+        r = {"step_s": 0.5, "flops_per_step": 200e12}
+        r.update(utilisation(r["flops_per_step"], r["step_s"], device))
+        return {"medians": {"seg_orthonet": r}}, [{"seg_orthonet": {"device_name": device}}]
+
+    gpu = flops_table(*summary("NVIDIA H100 80GB HBM3"))
+    assert "| orthonet `SegTrainer` step | 200000.0 | 400.000 | **40.4 %** |" in gpu
+    cpu = flops_table(*summary("cpu"))
+    assert "n/a (no bf16 peak known" in cpu and "device `cpu`" in cpu
+    assert flops_table({"medians": {"seg_orthonet": {"step_s": 1.0}}}, [{"seg_orthonet": {}}]) == ""
