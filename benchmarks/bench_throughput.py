@@ -328,7 +328,6 @@ def run_driver(name: str, kind: str, python: str, job: Dict, work: Path, env: Di
     steps = result["times"][job["warmup"]:]
     result["step_s"] = statistics.median(steps)
     result["it_per_s"] = len(steps) / sum(steps)
-    result.update(utilisation(result.get("flops_per_step"), result["step_s"], result.get("device_name")))
     return result
 
 
