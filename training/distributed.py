@@ -155,9 +155,14 @@ def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: boo
     return nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
 
 
-def cleanup() -> None:
-    """Leave the process group (call once at the end of training, also after errors)."""
+def cleanup(synchronize: bool = False) -> None:
+    """Leave the process group (call once at the end of training, also after errors). ``synchronize`` waits for
+    every rank first. Why: with gloo, a rank that tears its connections down while a peer is still finishing can
+    abort that peer at exit ("terminate called without an active exception", seen in CI); after an error a barrier
+    could wait forever for a rank that died, so only a successful run synchronises."""
     if is_distributed():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -94,8 +94,10 @@ def pretrain_main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         encoders = pretrain_views(args.dataset, args.configuration, split_views_arg(args.views), settings,
                                   args.plans_name, info.device, args.resume)
-    finally:
+    except BaseException:
         dist_utils.cleanup()
+        raise
+    dist_utils.cleanup(synchronize=True)
     if info.rank == 0:
         for view, path in encoders.items():
             print(f"{view}: {path}")
