@@ -135,8 +135,10 @@ def _drive_ortho_trainer(job: Dict) -> Dict:
     loader = trainer.build_train_loader()
     trainer.network.train()
     try:
-        times = _timed_steps(job["iterations"], lambda: trainer.train_step(trainer.to_device(next(loader))))
-        flops = count_flops(lambda: trainer.train_step(trainer.to_device(next(loader))))
+        def step():
+            return trainer.train_step(trainer.to_device(next(loader)))
+        times = _timed_steps(job["iterations"], step)
+        flops = count_flops(step)
     finally:
         if hasattr(loader, "close"):
             loader.close()
@@ -166,8 +168,10 @@ def _drive_ortho_pretrain(job: Dict) -> Dict:
     loader = trainer.build_loader(trainer.store, trainer.cases, seed)
     trainer.generator = torch.Generator().manual_seed(seed)
     try:
-        times = _timed_steps(job["iterations"], lambda: trainer.train_step(next(loader)))
-        flops = count_flops(lambda: trainer.train_step(next(loader)))
+        def step():
+            return trainer.train_step(next(loader))
+        times = _timed_steps(job["iterations"], step)
+        flops = count_flops(step)
     finally:
         loader.close()
     return {"times": times, "batch_size": trainer.batch_size, "patch_size": trainer.spec_patch(), "view": view,
@@ -183,8 +187,10 @@ def _drive_nnunet_trainer(job: Dict) -> Dict:
     trainer.on_train_start()
     trainer.on_train_epoch_start()            # network.train(), the epoch's learning rate
     try:
-        times = _timed_steps(job["iterations"], lambda: trainer.train_step(next(trainer.dataloader_train)))
-        flops = count_flops(lambda: trainer.train_step(next(trainer.dataloader_train)))
+        def step():
+            return trainer.train_step(next(trainer.dataloader_train))
+        times = _timed_steps(job["iterations"], step)
+        flops = count_flops(step)
     finally:
         trainer.on_train_end()                # writes fold_0/checkpoint_final.pth, stops the loaders
     cm = trainer.configuration_manager

@@ -97,7 +97,8 @@ def count_flops(step: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def utilisation(flops_per_step: Optional[float], step_s: float, device_name: Optional[str]) -> Dict[str, Optional[float]]:
+def utilisation(flops_per_step: Optional[float], step_s: float,
+                device_name: Optional[str]) -> Dict[str, Optional[float]]:
     """Achieved TFLOP/s of a step and its model-FLOPs utilisation against the device's bf16 peak (None where the
     peak is unknown, e.g. on a CPU)."""
     if not flops_per_step or step_s <= 0:
