@@ -457,3 +457,103 @@ def test_default_trainer_looks_only_at_the_encoders_the_task_loads(multiview, tm
         "SegTrainerPyramid"
     assert default_trainer("multitask", multiview, "3d_fullres", "orthoPlans", str(folder))[0] == \
         "MultitaskTrainerPyramid"
+
+
+class _HostReadGuard:
+    """Counts :func:`host_values` calls and fails on any other tensor -> Python conversion (``bool``, ``float``,
+    ``int``, ``item``, ``tolist``) in a training step: on a GPU each such read stalls the stream. ``host`` names
+    the tensors that stay on the host by design (reading them costs nothing on a GPU)."""
+
+    NAMES = ("__bool__", "__float__", "__int__", "item", "tolist")
+
+    def __init__(self, monkeypatch, host=()):
+        import orthonet.training.trainers.base as base
+        self.reads = 0
+        self.host = list(host)
+        self.active = False
+        self.real = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        real_host_values = base.host_values
+
+        def counted(values):
+            if not self.active:
+                return real_host_values(values)
+            self.reads += 1
+            self._restore()
+            try:
+                return real_host_values(values)
+            finally:
+                self._forbid()
+        monkeypatch.setattr(base, "host_values", counted)
+
+    def _forbid(self):
+        for n in self.NAMES:
+            def forbid(t, *a, _n=n, **k):
+                if any(t is h for h in self.host):
+                    return self.real[_n](t, *a, **k)
+                raise AssertionError(f"a host read (Tensor.{_n}) in the training step outside host_values")
+            setattr(torch.Tensor, n, forbid)
+
+    def _restore(self):
+        for n, f in self.real.items():
+            setattr(torch.Tensor, n, f)
+
+    def __enter__(self):
+        self.active = True
+        self._forbid()
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+        self._restore()
+
+
+@pytest.mark.parametrize("task", ["seg", "multitask"])
+def test_training_step_reads_the_device_once_and_stops_on_a_nan_before_the_update(multiview, task, monkeypatch):
+    """One device-to-host read per training step (loss, parts and gradient norm together), the rest of the step
+    (losses, the auxiliary per-view loss of incomplete exams) free of Python branches on tensors; a NaN loss raises
+    a clear error and leaves the weights as they were."""
+    from orthonet.errors import OrthoError
+    from orthonet.training.trainers import MultitaskTrainer, SegTrainer
+    trainer = (SegTrainer if task == "seg" else MultitaskTrainer)(_options(multiview, task=task, fold=1))
+    trainer.setup()
+    batch = trainer.to_device(next(iter(trainer.build_train_loader())))
+    if task == "multitask":                                  # an incomplete exam: the aux loss must mask, not index
+        first = next(iter(batch["present"]))
+        batch["present"][first] = torch.zeros_like(batch["present"][first])
+    host = list((batch.get("whole_shape") or {}).values())          # exam sizes: kept on the host by to_device
+    assert all(t.device.type == "cpu" for t in host)
+    with _HostReadGuard(monkeypatch, host) as guard:
+        stats = trainer.train_step(batch)
+    assert guard.reads == 1 and np.isfinite(stats["loss"]) and all(isinstance(v, float) for v in stats.values())
+    if task == "multitask":
+        assert {"seg_loss", "bce", "aux_bce"} <= set(stats)
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    nan = lambda x: torch.full_like(x, float("nan"))                     # noqa: E731
+    batch["data"] = ({v: nan(x) for v, x in batch["data"].items()} if isinstance(batch["data"], dict)
+                     else nan(batch["data"]))
+    with pytest.raises(OrthoError, match="training loss became nan"):
+        trainer.train_step(batch)
+    after = trainer.network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_aux_view_loss_is_each_views_bce_on_its_own_exams(multiview):
+    """The masked auxiliary loss equals the old indexed one: each view's BCE over the exams that have it, averaged
+    over the views present in the batch (an absent view adds a graph-connected zero and does not count)."""
+    from orthonet.training.trainers import DiagTrainer
+    from orthonet.training.losses import MaskedBCEWithLogitsLoss
+    trainer = DiagTrainer(_options(multiview, task="diag", fold=1))
+    trainer.bce = MaskedBCEWithLogitsLoss(torch.tensor([2.0, 1.0]))
+    torch.manual_seed(0)
+    target = torch.tensor([[1.0, 0.0], [0.0, float("nan")], [1.0, 1.0]])
+    logits = {"a": torch.randn(3, 2, requires_grad=True), "b": torch.randn(3, 2, requires_grad=True),
+              "c": torch.randn(3, 2, requires_grad=True)}
+    present = {"a": torch.tensor([True, False, True]), "b": torch.tensor([True, True, True]),
+               "c": torch.tensor([False, False, False])}
+    loss = trainer.aux_view_loss({"diagnosis": target, "present": present}, {"view_logits": logits},
+                                 torch.tensor(0.0))
+    expected = (trainer.bce(logits["a"][present["a"]], target[present["a"]]) + trainer.bce(logits["b"], target)) / 2
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    loss.backward()
+    assert logits["c"].grad is not None and torch.count_nonzero(logits["c"].grad) == 0
+    assert torch.count_nonzero(logits["a"].grad[1]) == 0               # the exam without view a does not count

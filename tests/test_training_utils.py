@@ -210,6 +210,79 @@ def test_masked_bce_and_pos_weight():
     assert all_nan.item() == 0.0 and all_nan.requires_grad
 
 
+class _NoHostReads:
+    """Fails on any tensor -> Python conversion (``bool``, ``float``, ``int``, ``item``, ``tolist``): on a GPU each is
+    a device-to-host synchronisation, which a loss in the training step must not cause."""
+
+    NAMES = ("__bool__", "__float__", "__int__", "item", "tolist")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        for n in self.NAMES:
+            def forbid(*_a, _n=n, **_k):
+                raise AssertionError(f"a host read (Tensor.{_n}) inside the loss")
+            setattr(torch.Tensor, n, forbid)
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def test_training_losses_read_nothing_back_from_the_device_and_keep_their_values():
+    """The losses of the training step have no Python branch on a tensor (which would stall the GPU every step);
+    the clamped denominators give the same values as the old `if n > 0` branches, including the graph-connected
+    zero of a batch without a valid voxel / known label."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
+    target = torch.randint(0, 3, (2, 1, 4, 4, 4))
+    target[0, 0, 0] = -1                                             # padding, excluded
+    dice_ce = DiceCELoss(ignore_label=2)
+    bce = MaskedBCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 1.0]))
+    blogits = torch.randn(3, 2, requires_grad=True)
+    btarget = torch.tensor([[1.0, float("nan")], [0.0, 1.0], [float("nan"), 0.0]])
+    with _NoHostReads():
+        seg = dice_ce(logits, target)
+        none_valid = dice_ce(logits, torch.full_like(target, -1))
+        diag = bce(blogits, btarget)
+        unknown = bce(blogits, torch.full_like(btarget, float("nan")))
+        ds = DeepSupervisionLoss(dice_ce, [0.5, 0.5])(
+            [logits, logits[:, :, ::2, ::2, ::2]], [target, target[:, :, ::2, ::2, ::2]])
+    mask = (target >= 0) & (target != 2)
+    ce = torch.nn.functional.cross_entropy(logits, torch.where(mask, target, 0)[:, 0], reduction="none")
+    dice = SoftDiceLoss()(torch.softmax(logits, 1), torch.where(mask, target, 0), loss_mask=mask.float())
+    assert seg.item() == pytest.approx((dice + (ce * mask[:, 0]).sum() / mask.sum()).item(), abs=1e-6)
+    assert none_valid.requires_grad and none_valid.item() == pytest.approx(0.0, abs=1e-6)   # empty Dice is 1
+    known = ~torch.isnan(btarget)
+    per = torch.nn.functional.binary_cross_entropy_with_logits(
+        blogits, torch.nan_to_num(btarget), pos_weight=torch.tensor([2.0, 1.0]), reduction="none")
+    assert diag.item() == pytest.approx((per * known).sum().item() / 4, abs=1e-6)
+    assert unknown.item() == 0.0 and unknown.requires_grad
+    assert torch.isfinite(ds).all()
+    (seg + diag + unknown + none_valid).backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(blogits.grad).all()
+
+
+def test_host_values_reads_every_scalar_at_once_in_order():
+    from orthonet.training.runtime import host_values
+    calls = []
+    real = torch.Tensor.tolist
+
+    def counting(self):
+        calls.append(tuple(self.shape))
+        return real(self)
+    torch.Tensor.tolist = counting
+    try:
+        out = host_values({"loss": torch.tensor(1.5), "plain": 2, "part": torch.tensor([0.25]),
+                           "half": torch.tensor(3.0, dtype=torch.bfloat16)})
+    finally:
+        torch.Tensor.tolist = real
+    assert out == {"loss": 1.5, "plain": 2.0, "part": 0.25, "half": 3.0}
+    assert list(out) == ["loss", "plain", "part", "half"]
+    assert calls == [(3,)]                                           # one read of the three tensors
+    assert host_values({"a": 1.0}) == {"a": 1.0}
+
+
 def test_diffusion_mse():
     a, b = torch.zeros((2, 1, 4)), torch.ones((2, 1, 4))
     b[:, :, :2] = 3.0

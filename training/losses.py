@@ -96,10 +96,10 @@ class DiceCELoss(nn.Module):
             probs = torch.softmax(logits32, 1)
             loss = loss + self.weight_dice * self.dice(probs, clean, loss_mask=mask.float())
         if self.weight_ce:
-            n_valid = mask.sum()
-            if n_valid > 0:
-                ce = F.cross_entropy(logits32, clean[:, 0], reduction="none")
-                loss = loss + self.weight_ce * (ce * mask[:, 0]).sum() / n_valid
+            # no `if n_valid > 0`: a Python branch on a device value stalls the GPU once per output; the clamp
+            # gives the same zero (still graph-connected) when no voxel is valid
+            ce = F.cross_entropy(logits32, clean[:, 0], reduction="none")
+            loss = loss + self.weight_ce * (ce * mask[:, 0]).sum() / mask.sum().clamp_min(1)
         return loss
 
 
@@ -174,10 +174,8 @@ class MaskedBCEWithLogitsLoss(nn.Module):
         clean = torch.where(known, targets, torch.zeros_like(targets))
         pw = None if self.pos_weight is None else self.pos_weight.to(logits.device)
         per = F.binary_cross_entropy_with_logits(logits, clean, pos_weight=pw, reduction="none")
-        n = known.sum()
-        if n == 0:
-            return logits.sum() * 0.0
-        return (per * known).sum() / n
+        # the clamp, not `if n == 0`: the same graph-connected zero without a device-to-host read
+        return (per * known).sum() / known.sum().clamp_min(1)
 
 
 def diffusion_mse_loss(prediction: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None

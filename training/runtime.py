@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from typing import Optional
+from typing import Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -56,6 +56,23 @@ def default_num_workers() -> int:
     if env is not None:
         return max(0, int(env))
     return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def host_values(values: Dict[str, Union[torch.Tensor, float]]) -> Dict[str, float]:
+    """Scalar tensors (and plain numbers) -> Python floats in ONE device-to-host read.
+
+    Each ``float(cuda_tensor)`` waits for the GPU; a training step that logs a loss and its parts would otherwise
+    stall the stream once per value. Stacking them first makes it one synchronisation per step, which is what the
+    progress bar needs anyway."""
+    tensors = {k: v.detach().reshape(()).float() for k, v in values.items() if isinstance(v, torch.Tensor)}
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
+    if tensors:
+        devices = {t.device for t in tensors.values()}
+        if len(devices) > 1:                               # parts on several devices: gather them on one
+            first = next(iter(devices))
+            tensors = {k: t.to(first) for k, t in tensors.items()}
+        out.update(zip(tensors, torch.stack(list(tensors.values())).tolist()))
+    return {k: out[k] for k in values}
 
 
 def memory_format_for(ndim: int, device: torch.device):

@@ -65,14 +65,20 @@ class EMA:
         """One EMA step towards the model's current weights (call after every optimizer step)."""
         d = self.current_decay()
         current = unwrap(model).state_dict()
+        shadows, targets = [], []
         for k in self.shadow:
             v, s = current[k], self.shadow[k]
             if s.is_floating_point():
                 if s.device != v.device:
                     self.shadow[k] = s = s.to(v.device)
-                s.mul_(d).add_(v.detach().float(), alpha=1.0 - d)
+                shadows.append(s)
+                targets.append(v.detach().float())
             else:
                 s.copy_(v.detach())
+        if shadows:
+            # s <- d * s + (1 - d) * v for every tensor in one fused launch (per-tensor mul_/add_ are two kernel
+            # launches per tensor: hundreds per step on a GPU)
+            torch._foreach_lerp_(shadows, targets, 1.0 - d)
         self.num_updates += 1
 
     @torch.no_grad()

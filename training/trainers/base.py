@@ -33,8 +33,8 @@ from orthonet.training.model_factory import (ModelConfig, build_model, segmentat
 from orthonet.training.options import TrainOptions, fold_dir_name, model_dir, model_folder_name
 from orthonet.training.pretrained import PretrainedSource, find_pretrained, load_encoder_file, network_hash
 from orthonet.training.progress import ProgressLogger
-from orthonet.training.runtime import (autocast, compile_network, default_num_workers, memory_format_for,
-                                       resolve_device, seed_everything)
+from orthonet.training.runtime import (autocast, compile_network, default_num_workers, host_values,
+                                       memory_format_for, resolve_device, seed_everything)
 from orthonet.training.schedules import scheduler_step, split_param_groups, warmup_poly_schedule
 from orthonet.training.splits import get_fold, label_fraction_subset, load_or_create_splits
 
@@ -314,7 +314,7 @@ class BaseTrainer:
     def build_train_loader(self):
         raise NotImplementedError
 
-    def compute_loss(self, batch: Dict, outputs) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def compute_loss(self, batch: Dict, outputs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def forward(self, batch: Dict):
@@ -431,15 +431,21 @@ class BaseTrainer:
         with autocast(self.device):
             outputs = self.forward(batch)
         loss, parts = self.compute_loss(batch, outputs)
-        if not torch.isfinite(loss):
-            raise OrthoError(f"training loss became {loss.item()} at epoch {self.epoch} (cases {batch.get('keys')})",
-                             fix="lower the learning rate (subclass the trainer) or check the data of these cases")
         loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip) if self.grad_clip else None
+        # the step's one device-to-host read: the loss, its parts and the gradient norm together, after backward
+        # and clipping are queued. The norm is of the all-reduced gradients, so under DDP every rank sees a NaN
+        # on any rank and all stop together, before the optimizer touches the weights.
+        values = host_values({"loss": loss, **parts, **({} if norm is None else {"grad_norm": norm})})
+        grad_norm = values.pop("grad_norm", 0.0)
+        if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise OrthoError(f"training loss became {values['loss']} (gradient norm {grad_norm}) at epoch "
+                             f"{self.epoch} (cases {batch.get('keys')})",
+                             fix="lower the learning rate (subclass the trainer) or check the data of these cases")
         self.optimizer.step()
         self.scheduler.step()
-        return {"loss": float(loss.detach()), **parts}
+        return values
 
     def update_best(self, score: Optional[float]) -> bool:
         if score is None or not math.isfinite(score):

@@ -95,6 +95,15 @@ class DiagTrainer(BaseTrainer):
         self.bce = self.diagnosis_loss().to(self.device)
         return self.multiview_loader(self.train_cases, True, self.opts.seed + 1000 * self.epoch + dist.rank())
 
+    def to_device(self, x):
+        """As the base trainer, but a batch's ``whole_shape`` (each exam's unpadded size) stays on the host: the
+        whole-exam encoder's control flow reads it (crop extents, padding), and on a GPU every such read would be
+        a device-to-host synchronisation per view per step."""
+        if isinstance(x, dict) and "whole_shape" in x:
+            moved = super().to_device({k: v for k, v in x.items() if k != "whole_shape"})
+            return {k: (x[k] if k == "whole_shape" else moved[k]) for k in x}
+        return super().to_device(x)
+
     def forward(self, batch: Dict):
         return self.run_model(self.network, batch)
 
@@ -113,24 +122,26 @@ class DiagTrainer(BaseTrainer):
         when no view is given at all."""
         target = batch["diagnosis"]
         terms: List[torch.Tensor] = []
-        n_present = 0
+        counted: List[torch.Tensor] = []
+        # masks, not `if present.any()` / `logits[present]`: both read the device and stall the GPU every step.
+        # An absent exam's labels become unknown (NaN), which the masked BCE leaves out of its mean; a view absent
+        # from the whole batch gives a graph-connected zero and does not count in the mean over views.
         for view, logits in outputs["view_logits"].items():
-            present = batch["present"][view].to(logits.device)
-            if present.any():
-                terms.append(self.bce(logits[present], target[present]))
-                n_present += 1
-            else:
-                terms.append(logits.float().sum() * 0.0)
+            present = batch["present"][view].to(logits.device).bool()
+            own = torch.where(present[:, None], target.to(logits.device).float(),
+                              torch.full_like(logits, float("nan"), dtype=torch.float32))
+            terms.append(self.bce(logits, own))
+            counted.append(present.any().float())
         if not terms:
             return reference * 0.0
-        return torch.stack(terms).sum() / max(1, n_present)
+        return torch.stack(terms).sum() / torch.stack(counted).sum().clamp_min(1)
 
-    def diagnosis_terms(self, batch: Dict, outputs: Dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def diagnosis_terms(self, batch: Dict, outputs: Dict) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         fused = self.bce(outputs["logits"], batch["diagnosis"])
         aux_loss = self.aux_view_loss(batch, outputs, fused)
-        return fused + self.aux_view_weight * aux_loss, {"bce": float(fused.detach()), "aux_bce": float(aux_loss.detach())}
+        return fused + self.aux_view_weight * aux_loss, {"bce": fused.detach(), "aux_bce": aux_loss.detach()}
 
-    def compute_loss(self, batch: Dict, outputs) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def compute_loss(self, batch: Dict, outputs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         return self.diagnosis_terms(batch, outputs)
 
     def validation_batches(self):

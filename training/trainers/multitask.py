@@ -63,10 +63,10 @@ class MultitaskTrainer(DiagTrainer):
         self.seg_loss_fn = self.seg_loss()
         return super().build_train_loader()
 
-    def compute_loss(self, batch: Dict, outputs) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def compute_loss(self, batch: Dict, outputs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         diag, parts = self.diagnosis_terms(batch, outputs)
         seg = self.seg_loss_fn(outputs["seg"], batch["target"])
-        parts["seg_loss"] = float(seg.detach())
+        parts["seg_loss"] = seg.detach()
         return self.seg_loss_weight * seg + self.diag_loss_weight * diag, parts
 
     def online_validation(self) -> Dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -373,16 +374,19 @@ class DiffusionPretrainer:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device):
             loss = self.compute_loss(self.model, x0, self.generator)
-        if not torch.isfinite(loss):
-            raise OrthoError(f"the diffusion loss became {loss.item()} at step {self.step} (view {self.view})",
-                             self.output_dir, fix="lower --lr, or continue with --c from the last checkpoint")
         loss.backward()
+        # one device-to-host read per step, after backward is queued: the rank-mean loss, which every rank then
+        # sees, so a NaN on any rank stops all of them before the optimizer touches the weights
+        value = float(dist_utils.all_reduce_mean(loss.detach().float()).item())
+        if not math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise OrthoError(f"the diffusion loss became {value} at step {self.step} (view {self.view})",
+                             self.output_dir, fix="lower --lr, or continue with --c from the last checkpoint")
         if self.settings.grad_clip and self.settings.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.ema.update(self.model)
-        value = float(dist_utils.all_reduce_mean(loss.detach().float()).item())
         self.loss_history.append(value)
         return value
 

@@ -68,7 +68,7 @@ class SegTrainer(BaseTrainer):
         inputs, kwargs = self.model_inputs(batch)
         return self.network(inputs, **kwargs)
 
-    def compute_loss(self, batch: Dict, outputs) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def compute_loss(self, batch: Dict, outputs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         return self.loss_fn(outputs, batch["target"]), {}
 
     # ---- validation --------------------------------------------------------------------------------------
