@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from tests.builders import write_tiny_dataset
+from tests.host_reads import HostReadGuard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -459,54 +460,6 @@ def test_default_trainer_looks_only_at_the_encoders_the_task_loads(multiview, tm
         "MultitaskTrainerPyramid"
 
 
-class _HostReadGuard:
-    """Counts :func:`host_values` calls and fails on any other tensor -> Python conversion (``bool``, ``float``,
-    ``int``, ``item``, ``tolist``) in a training step: on a GPU each such read stalls the stream. ``host`` names
-    the tensors that stay on the host by design (reading them costs nothing on a GPU)."""
-
-    NAMES = ("__bool__", "__float__", "__int__", "item", "tolist")
-
-    def __init__(self, monkeypatch, host=()):
-        import orthonet.training.trainers.base as base
-        self.reads = 0
-        self.host = list(host)
-        self.active = False
-        self.real = {n: getattr(torch.Tensor, n) for n in self.NAMES}
-        real_host_values = base.host_values
-
-        def counted(values):
-            if not self.active:
-                return real_host_values(values)
-            self.reads += 1
-            self._restore()
-            try:
-                return real_host_values(values)
-            finally:
-                self._forbid()
-        monkeypatch.setattr(base, "host_values", counted)
-
-    def _forbid(self):
-        for n in self.NAMES:
-            def forbid(t, *a, _n=n, **k):
-                if any(t is h for h in self.host):
-                    return self.real[_n](t, *a, **k)
-                raise AssertionError(f"a host read (Tensor.{_n}) in the training step outside host_values")
-            setattr(torch.Tensor, n, forbid)
-
-    def _restore(self):
-        for n, f in self.real.items():
-            setattr(torch.Tensor, n, f)
-
-    def __enter__(self):
-        self.active = True
-        self._forbid()
-        return self
-
-    def __exit__(self, *exc):
-        self.active = False
-        self._restore()
-
-
 @pytest.mark.parametrize("task", ["seg", "multitask"])
 def test_training_step_reads_the_device_once_and_stops_on_a_nan_before_the_update(multiview, task, monkeypatch):
     """One device-to-host read per training step (loss, parts and gradient norm together), the rest of the step
@@ -522,9 +475,17 @@ def test_training_step_reads_the_device_once_and_stops_on_a_nan_before_the_updat
         batch["present"][first] = torch.zeros_like(batch["present"][first])
     host = list((batch.get("whole_shape") or {}).values())          # exam sizes: kept on the host by to_device
     assert all(t.device.type == "cpu" for t in host)
-    with _HostReadGuard(monkeypatch, host) as guard:
+    import orthonet.training.trainers.base as base
+    guard, reads, real_host_values = HostReadGuard(host), [], base.host_values
+
+    def counted(values):                                     # the step's one allowed read, counted
+        reads.append(1)
+        with guard.allowing():
+            return real_host_values(values)
+    monkeypatch.setattr(base, "host_values", counted)
+    with guard:
         stats = trainer.train_step(batch)
-    assert guard.reads == 1 and np.isfinite(stats["loss"]) and all(isinstance(v, float) for v in stats.values())
+    assert len(reads) == 1 and np.isfinite(stats["loss"]) and all(isinstance(v, float) for v in stats.values())
     if task == "multitask":
         assert {"seg_loss", "bce", "aux_bce"} <= set(stats)
     before = {k: v.clone() for k, v in trainer.network.state_dict().items()}

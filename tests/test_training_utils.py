@@ -27,6 +27,7 @@ from orthonet.training.progress import ProgressLogger, loss_curve_png, moving_av
 from orthonet.training.schedules import (cosine_factor, cosine_warmup_schedule, load_scheduler_state, poly_factor,
                                          poly_schedule, split_param_groups, warmup_poly_schedule)
 from orthonet.training.splits import get_fold, label_fraction_subset, load_or_create_splits, make_splits
+from tests.host_reads import HostReadGuard
 
 torch.set_num_threads(1)
 LN2 = math.log(2.0)
@@ -210,25 +211,6 @@ def test_masked_bce_and_pos_weight():
     assert all_nan.item() == 0.0 and all_nan.requires_grad
 
 
-class _NoHostReads:
-    """Fails on any tensor -> Python conversion (``bool``, ``float``, ``int``, ``item``, ``tolist``): on a GPU each is
-    a device-to-host synchronisation, which a loss in the training step must not cause."""
-
-    NAMES = ("__bool__", "__float__", "__int__", "item", "tolist")
-
-    def __enter__(self):
-        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
-        for n in self.NAMES:
-            def forbid(*_a, _n=n, **_k):
-                raise AssertionError(f"a host read (Tensor.{_n}) inside the loss")
-            setattr(torch.Tensor, n, forbid)
-        return self
-
-    def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(torch.Tensor, n, f)
-
-
 def test_training_losses_read_nothing_back_from_the_device_and_keep_their_values():
     """The losses of the training step have no Python branch on a tensor (which would stall the GPU every step);
     the clamped denominators give the same values as the old `if n > 0` branches, including the graph-connected
@@ -241,7 +223,7 @@ def test_training_losses_read_nothing_back_from_the_device_and_keep_their_values
     bce = MaskedBCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 1.0]))
     blogits = torch.randn(3, 2, requires_grad=True)
     btarget = torch.tensor([[1.0, float("nan")], [0.0, 1.0], [float("nan"), 0.0]])
-    with _NoHostReads():
+    with HostReadGuard():
         seg = dice_ce(logits, target)
         none_valid = dice_ce(logits, torch.full_like(target, -1))
         diag = bce(blogits, btarget)
