@@ -36,7 +36,10 @@ with the knee's encoders, with encoders pretrained on the target joint's own ima
    intervals, and paired bootstraps of knee-transfer minus scratch (the target: >= +0.05 macro AUC at 10 % labels on
    both joints), own joint minus scratch and knee-transfer minus own joint.
 6. Dice of the segmentation view (optional, ``--seg-iterations N``): the real ``ortho_train --task seg`` on fold 0,
-   knee-pretrained vs own vs scratch, N iterations each, validation Dice of the held-out fold. Off by default: a
+   knee-pretrained vs own vs scratch, N iterations each, validation Dice of the held-out fold, with case-bootstrap
+   95 % intervals of each row's mean Dice and of the paired differences (the same case resamples for every row of a
+   label fraction). ``--seg-only`` runs (or, where ``WORK/seg/<joint>/<row>`` holds a finished run, only reads) the
+   Dice rows without the diagnosis part and writes ``WORK/seg_results.json``. Off by default: a
    segmentation run long enough to mean something is far beyond a 2-core CPU budget at the ``default`` size, and the
    section says so when it was not measured.
 
@@ -127,6 +130,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="if > 0: train ortho_train --task seg on fold 0 for this many iterations per encoder row "
                         "and label fraction and report validation Dice (slow on CPU; default off)")
     p.add_argument("--seg-trainer", default="SegTrainer", help="trainer of the Dice rows")
+    p.add_argument("--seg-only", action="store_true",
+                   help="only the Dice rows (needs --seg-iterations): no diagnosis rows, no own-joint pretraining "
+                        "(the own row uses WORK's own encoders when they exist), results in WORK/seg_results.json, "
+                        "docs untouched. Runs already in WORK/seg/<joint>/<row> are read, not retrained")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default 2; --quick: 1). Use 1 when another job shares the cores: at load "
                         "4-5 on 2 cores the quick run took 6.8 min with 2 threads and 46 s with 1")
@@ -146,6 +153,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if unknown or not args.joint_list:
         p.error(f"--joints: unknown {unknown}; choose from {sorted(TARGETS)}")
     args.view_maps = parse_joint_view_maps(args.view_map, args.joint_list)
+    if args.seg_only and args.seg_iterations <= 0:
+        p.error("--seg-only needs --seg-iterations N (N > 0)")
     return args
 
 
@@ -359,6 +368,48 @@ def paired(boots: Dict[str, List[float]], rows: Dict[str, Dict], a: str, b: str)
     return {"mean": float(rows[a]["macro_auc"] - rows[b]["macro_auc"]), "ci": wx.ci(d)}
 
 
+def case_mean_dice(summary: Dict, where: str = "summary.json") -> Dict[str, float]:
+    """Each validation case's Dice averaged over the structures (the trainer's summary ``per_case``), the unit the
+    Dice intervals resample: the cases, not the structures, are the independent draws."""
+    per_case = (summary.get("segmentation") or {}).get("per_case") or {}
+    if not per_case:
+        raise SystemExit(f"{where}: no per-case Dice (segmentation.per_case); rerun that validation")
+    out = {}
+    for case, dice in per_case.items():
+        values = [float(v) for v in dice.values() if v is not None and not math.isnan(float(v))]
+        if not values:
+            raise SystemExit(f"{where}: case {case} has no Dice value")
+        out[case] = float(np.mean(values))
+    return out
+
+
+def dice_intervals(per_case: Dict[str, Dict[str, float]], n_boot: int, seed: int = 0) -> Dict[str, Dict]:
+    """Mean Dice with a case-bootstrap 95 % interval per run (key ``<fraction tag>_<encoder>``) and the paired
+    differences knee - scratch, own - scratch, knee - own per fraction tag: one set of case resamples per tag, so a
+    difference's interval is paired. Runs of one tag must have validated the same cases."""
+    out: Dict[str, Dict] = {"rows": {}, "differences": {}}
+    tags = sorted({k.split("_", 1)[0] for k in per_case})
+    rng = np.random.default_rng(seed)
+    for tag in tags:
+        keys = [k for k in per_case if k.split("_", 1)[0] == tag]
+        cases = sorted(per_case[keys[0]])
+        for k in keys:
+            if sorted(per_case[k]) != cases:
+                raise SystemExit(f"Dice rows {keys[0]} and {k} validated different cases; a paired interval needs "
+                                 "the same fold (rerun both on fold 0 of the same splits)")
+        values = {k: np.array([per_case[k][c] for c in cases]) for k in keys}
+        idx = rng.integers(0, len(cases), size=(n_boot, len(cases)))
+        boots = {k: v[idx].mean(axis=1) for k, v in values.items()}
+        for k in keys:
+            out["rows"][k] = {"mean_dice": float(values[k].mean()), "ci": wx.ci(boots[k]), "cases": len(cases)}
+        for a, b in (("knee", "scratch"), ("own", "scratch"), ("knee", "own")):
+            ka, kb = f"{tag}_{a}", f"{tag}_{b}"
+            if ka in values and kb in values:
+                out["differences"][f"{tag}_{a}_minus_{b}"] = {"mean": float(values[ka].mean() - values[kb].mean()),
+                                                              "ci": wx.ci(boots[ka] - boots[kb])}
+    return out
+
+
 def run_joint(args: argparse.Namespace, joint: str, knee_plans: Dict, knee_pre_info: Dict) -> Dict:
     from orthonet.training.pretrained import find_pretrained, pretrain_dir
 
@@ -490,9 +541,11 @@ def seg_rows(args: argparse.Namespace, joint: str, plans: Dict, knee_dir: str, e
                                 "mean_dice": (summary.get("segmentation") or {}).get("mean_dice"),
                                 "val_cases": len(summary.get("cases") or []),
                                 "labelled": len(run.get("labelled_training_cases") or []),
-                                "start": start,
+                                "start": start, "seed": run.get("seed"),
+                                "per_case": case_mean_dice(summary, str(summary_file)),
                                 "minutes": round((time.time() - t0) / 60, 2)}
             print(f"[{joint}] seg {key}: mean Dice {out['runs'][key]['mean_dice']}", flush=True)
+    out.update(dice_intervals({k: r["per_case"] for k, r in out["runs"].items()}, args.bootstrap, args.seed))
     return out
 
 
@@ -553,17 +606,40 @@ def seg_text(results: Dict) -> List[str]:
                 "this "
                 "CPU budget at the `default` size and would not be informative with these encoders. "
                 "`--seg-iterations N` adds the rows (ortho_train --task seg, fold 0, validation Dice)."]
+    return dice_table(segs, results.get("bootstrap"))
+
+
+def dice_table(segs: Dict[str, Dict], n_boot: Optional[int]) -> List[str]:
+    """The Dice rows of each joint: mean Dice with its case-bootstrap interval, then the paired differences."""
     out = ["Dice of the segmentation view (`ortho_train --task seg`, fold 0, full-volume validation Dice of its "
-           "held-out exams):", "", "| joint | labels | encoders | iterations | mean Dice | minutes |",
-           "|---|---|---|---|---|---|"]
+           "held-out exams; 95 % intervals from " + (f"{n_boot} " if n_boot else "") + "case-bootstrap resamples, "
+           "paired between the rows of one label fraction):", "",
+           "| joint | labels | encoders | iterations | mean Dice [95 % CI] | minutes |", "|---|---|---|---|---|---|"]
     for joint, s in segs.items():
-        for r in s["runs"].values():
-            dice = "n/a" if r["mean_dice"] is None else f"{r['mean_dice']:.3f}"
+        for key, r in s["runs"].items():
+            iv = (s.get("rows") or {}).get(key)
+            if iv:
+                dice = fmt_ci(iv["mean_dice"], iv["ci"])
+            else:
+                dice = "n/a" if r["mean_dice"] is None else f"{r['mean_dice']:.3f}"
             out.append(f"| {joint} | {r['labels']} ({r['labelled']} exams) | {r['encoders']} | {s['iterations']} | "
                        f"{dice} | {r['minutes']:.1f} |")
+    out.append("")
+    names = {"knee_minus_scratch": "knee-transfer minus scratch", "own_minus_scratch": "own joint minus scratch",
+             "knee_minus_own": "knee-transfer minus own joint"}
+    for joint, s in segs.items():
+        for tag in ("low", "100"):
+            parts = [f"{names[k]} {fmt_ci(d['mean'], d['ci'])}" for k in names
+                     if (d := (s.get("differences") or {}).get(f"{tag}_{k}"))]
+            if parts:
+                lab = "100 %" if tag == "100" else next(r["labels"] for k, r in s["runs"].items()
+                                                        if k.startswith("low_"))
+                out.append(f"Paired mean-Dice differences, {joint}, {lab} labels: " + "; ".join(parts) + ".")
+    s = next(iter(segs.values()))
     out += ["", f"Each run: {s['iterations']} iteration(s) of `{s['trainer']}` from `--pretrained <knee Pretrain__ "
-                "folder> | auto | none` (ortho_train loads the encoder and, where shapes match, the decoder); a short "
-                "run shows the knee's weights train the segmentation, not a converged comparison."]
+                "folder> | auto | none` (ortho_train loads the encoder and, where shapes match, the decoder). One "
+                "training run per row: the intervals cover the choice of validation exams, not the run-to-run "
+                "spread of training."]
     return out
 
 
@@ -625,6 +701,29 @@ def markdown(results: Dict, command: str) -> str:
     return "\n".join(text)
 
 
+def seg_only(args: argparse.Namespace, knee_plans: Dict, t_start: float) -> int:
+    """``--seg-only``: the Dice rows of every joint (knee, scratch, and own where WORK has the target's own
+    encoders), printed and written to WORK/seg_results.json; the docs section is left alone."""
+    from orthonet.training.pretrained import pretrain_dir
+    knee_dir = pretrain_dir(knee_plans["dataset_name"], knee_plans["plans_name"], CONFIG)
+    segs = {}
+    for joint in args.joint_list:
+        _, plans = prepare_target(args, joint, knee_plans["dataset_name"])
+        own_dir = pretrain_dir(plans["dataset_name"], plans["plans_name"], CONFIG)
+        has_own = all((own_dir / v / "encoder.pt").is_file() for v in plans["views"])
+        encoders = [e for e in ENCODERS if e != "own" or (has_own and not args.skip_own_pretrain)]
+        segs[joint] = seg_rows(args, joint, plans, str(knee_dir), encoders)
+    out = {"date": _dt.date.today().isoformat(), "bootstrap": args.bootstrap, "segmentation": segs,
+           "wall_min": (time.time() - t_start) / 60}
+    path = Path(args.work) / "seg_results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2, default=str))
+    os.replace(tmp, path)
+    print("\n".join(dice_table(segs, args.bootstrap)), flush=True)
+    print(f"[done] {out['wall_min']:.1f} min; {path}", flush=True)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
@@ -650,6 +749,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if Path(args.knee_work).resolve() != work.resolve():
         for sub in ("preprocessed", "results"):
             link_into(work / sub / knee_name, Path(args.knee_work) / sub / knee_name)
+    if args.seg_only:
+        return seg_only(args, knee_plans, t_start)
     joints = {}
     for joint in args.joint_list:
         joints[joint] = run_joint(args, joint, knee_plans, knee_info)

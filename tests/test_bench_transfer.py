@@ -100,3 +100,45 @@ def test_markdown_has_a_table_per_joint_the_dice_note_and_the_verdict():
     text = bt.markdown(results, "python benchmarks/bench_transfer.py")
     assert "### Ankle" in text and "| 10% | knee-transfer |" in text and "**not measured**" in text
     assert "(4 runs)" in text and "400 steps" in text and text.rstrip().endswith("— not met.")
+
+
+def test_dice_intervals_resample_cases_and_pair_the_rows_of_one_fraction():
+    cases = [f"c{i}" for i in range(12)]
+    rng = np.random.default_rng(3)
+    scratch = {c: float(v) for c, v in zip(cases, rng.uniform(0.2, 0.6, len(cases)))}
+    knee = {c: v + 0.1 for c, v in scratch.items()}                 # the same cases, exactly 0.1 better
+    res = bt.dice_intervals({"low_knee": knee, "low_scratch": scratch, "100_scratch": scratch}, n_boot=200)
+    assert res["rows"]["low_knee"]["mean_dice"] == pytest.approx(np.mean(list(knee.values())))
+    lo, hi = res["rows"]["low_scratch"]["ci"]
+    assert lo < res["rows"]["low_scratch"]["mean_dice"] < hi and hi - lo > 0.02     # cases vary: a real interval
+    d = res["differences"]["low_knee_minus_scratch"]
+    assert d["mean"] == pytest.approx(0.1) and d["ci"] == pytest.approx([0.1, 0.1])  # paired: no spread
+    assert "100_knee_minus_scratch" not in res["differences"] and "low_own_minus_scratch" not in res["differences"]
+    with pytest.raises(SystemExit, match="different cases"):
+        bt.dice_intervals({"low_knee": knee, "low_scratch": dict(list(scratch.items())[:-1])}, n_boot=10)
+
+
+def test_case_mean_dice_averages_structures_per_case_and_names_a_summary_without_cases():
+    summary = {"segmentation": {"per_case": {"a": {"x": 0.2, "y": 0.4}, "b": {"x": 1.0, "y": float("nan")}}}}
+    assert bt.case_mean_dice(summary) == pytest.approx({"a": 0.3, "b": 1.0})
+    with pytest.raises(SystemExit, match="run9/summary.json: no per-case Dice"):
+        bt.case_mean_dice({"segmentation": {"mean_dice": 0.5}}, "run9/summary.json")
+
+
+def test_dice_table_shows_intervals_and_paired_differences():
+    runs = {k: {"labels": "100 %" if k.startswith("100") else "10%", "labelled": 64 if k.startswith("100") else 6,
+                "encoders": bt.ENCODER_LABEL[k.split("_")[1]], "mean_dice": 0.5, "minutes": 80.0}
+            for k in ("100_knee", "100_scratch", "low_knee", "low_scratch")}
+    seg = {"trainer": "SegTrainerPyramid", "iterations": 300, "runs": runs,
+           **bt.dice_intervals({k: {"a": 0.4, "b": 0.6} for k in runs}, n_boot=20)}
+    text = "\n".join(bt.dice_table({"ankle": seg}, 20))
+    assert "| ankle | 10% (6 exams) | knee-transfer | 300 | 0.500 [0.400, 0.600] | 80.0 |" in text
+    assert "Paired mean-Dice differences, ankle, 10% labels: knee-transfer minus scratch +0.000" not in text
+    assert "Paired mean-Dice differences, ankle, 10% labels: knee-transfer minus scratch 0.000 [0.000, 0.000]" in text
+    assert "ankle, 100 % labels" in text
+
+
+def test_seg_only_needs_seg_iterations():
+    with pytest.raises(SystemExit):
+        bt.parse_args(["--seg-only"])
+    assert bt.parse_args(["--seg-only", "--seg-iterations", "300"]).seg_only
