@@ -80,6 +80,9 @@ TARGETS = {"ankle": (993, "Dataset993_AnkleTransfer"), "shoulder": (994, "Datase
 ENCODERS = ("knee", "own", "scratch")
 ENCODER_LABEL = {"knee": "knee-transfer", "own": "own joint", "scratch": "scratch"}
 TARGET_GAIN = 0.05
+#: the paired comparisons of every benchmark row (AUC and Dice): key suffix -> label
+PAIRS = (("knee", "scratch"), ("own", "scratch"), ("knee", "own"))
+DIFFERENCE_LABEL = {f"{a}_minus_{b}": f"{ENCODER_LABEL[a]} minus {ENCODER_LABEL[b]}" for a, b in PAIRS}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -402,7 +405,7 @@ def dice_intervals(per_case: Dict[str, Dict[str, float]], n_boot: int, seed: int
         boots = {k: v[idx].mean(axis=1) for k, v in values.items()}
         for k in keys:
             out["rows"][k] = {"mean_dice": float(values[k].mean()), "ci": wx.ci(boots[k]), "cases": len(cases)}
-        for a, b in (("knee", "scratch"), ("own", "scratch"), ("knee", "own")):
+        for a, b in PAIRS:
             ka, kb = f"{tag}_{a}", f"{tag}_{b}"
             if ka in values and kb in values:
                 out["differences"][f"{tag}_{a}_minus_{b}"] = {"mean": float(values[ka].mean() - values[kb].mean()),
@@ -480,7 +483,7 @@ def run_joint(args: argparse.Namespace, joint: str, knee_plans: Dict, knee_pre_i
         del feats, model
     diffs = {}
     for tag in ("low", "100"):
-        for a, b in (("knee", "scratch"), ("own", "scratch"), ("knee", "own")):
+        for a, b in PAIRS:
             d = paired(boots, rows, f"{tag}_{a}", f"{tag}_{b}")
             if d:
                 diffs[f"{tag}_{a}_minus_{b}"] = d
@@ -625,11 +628,9 @@ def dice_table(segs: Dict[str, Dict], n_boot: Optional[int]) -> List[str]:
             out.append(f"| {joint} | {r['labels']} ({r['labelled']} exams) | {r['encoders']} | {s['iterations']} | "
                        f"{dice} | {r['minutes']:.1f} |")
     out.append("")
-    names = {"knee_minus_scratch": "knee-transfer minus scratch", "own_minus_scratch": "own joint minus scratch",
-             "knee_minus_own": "knee-transfer minus own joint"}
     for joint, s in segs.items():
         for tag in ("low", "100"):
-            parts = [f"{names[k]} {fmt_ci(d['mean'], d['ci'])}" for k in names
+            parts = [f"{DIFFERENCE_LABEL[k]} {fmt_ci(d['mean'], d['ci'])}" for k in DIFFERENCE_LABEL
                      if (d := (s.get("differences") or {}).get(f"{tag}_{k}"))]
             if parts:
                 lab = "100 %" if tag == "100" else next(r["labels"] for k, r in s["runs"].items()
@@ -689,10 +690,8 @@ def markdown(results: Dict, command: str) -> str:
                  + (f" {res['auto_check']}." if res.get("auto_check") else "")
                  + (f" Own-joint pretraining: {own_line}." if own_line else ""), "",
                  *joint_table(res), ""]
-        labels = {"knee_minus_scratch": "knee-transfer minus scratch", "own_minus_scratch": "own joint minus scratch",
-                  "knee_minus_own": "knee-transfer minus own joint"}
         for tag, lab in (("low", f"{results['fraction']:.0%}"), ("100", "100 %")):
-            parts = [f"{labels[k]} {fmt_ci(d['mean'], d['ci'])}" for k in labels
+            parts = [f"{DIFFERENCE_LABEL[k]} {fmt_ci(d['mean'], d['ci'])}" for k in DIFFERENCE_LABEL
                      if (d := res["differences"].get(f"{tag}_{k}"))]
             if parts:
                 text.append(f"Paired macro AUC differences at {lab} labels: " + "; ".join(parts) + ".")
@@ -704,6 +703,7 @@ def markdown(results: Dict, command: str) -> str:
 def seg_only(args: argparse.Namespace, knee_plans: Dict, t_start: float) -> int:
     """``--seg-only``: the Dice rows of every joint (knee, scratch, and own where WORK has the target's own
     encoders), printed and written to WORK/seg_results.json; the docs section is left alone."""
+    from orthonet.fileio import save_json
     from orthonet.training.pretrained import pretrain_dir
     knee_dir = pretrain_dir(knee_plans["dataset_name"], knee_plans["plans_name"], CONFIG)
     segs = {}
@@ -716,9 +716,7 @@ def seg_only(args: argparse.Namespace, knee_plans: Dict, t_start: float) -> int:
     out = {"date": _dt.date.today().isoformat(), "bootstrap": args.bootstrap, "segmentation": segs,
            "wall_min": (time.time() - t_start) / 60}
     path = Path(args.work) / "seg_results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2, default=str))
-    os.replace(tmp, path)
+    save_json(out, path)
     print("\n".join(dice_table(segs, args.bootstrap)), flush=True)
     print(f"[done] {out['wall_min']:.1f} min; {path}", flush=True)
     return 0
