@@ -136,7 +136,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seg-only", action="store_true",
                    help="only the Dice rows (needs --seg-iterations): no diagnosis rows, no own-joint pretraining "
                         "(the own row uses WORK's own encoders when they exist), results in WORK/seg_results.json, "
-                        "docs untouched. Runs already in WORK/seg/<joint>/<row> are read, not retrained")
+                        "docs untouched. Runs already in WORK/seg/<joint>/<row> are read, not retrained. Only the "
+                        "knee views the targets' segmentation views take their encoder from are pretrained")
+    p.add_argument("--seg-fractions", default=None, metavar="F,F",
+                   help="label fractions of the Dice rows (default: 1.0 and --fraction)")
+    p.add_argument("--seg-encoders", default=",".join(ENCODERS), metavar="ROW,ROW",
+                   help=f"encoder rows of the Dice rows, from {','.join(ENCODERS)} (own only where it exists). "
+                        "Once WORK has the data, a knee and a scratch process can train at the same time (knee "
+                        "and own share ortho_train's output folder: not those two); a last run without "
+                        "--seg-encoders reads the finished rows, trains only what is missing and tabulates them all")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default 2; --quick: 1). Use 1 when another job shares the cores: at load "
                         "4-5 on 2 cores the quick run took 6.8 min with 2 threads and 46 s with 1")
@@ -158,6 +166,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.view_maps = parse_joint_view_maps(args.view_map, args.joint_list)
     if args.seg_only and args.seg_iterations <= 0:
         p.error("--seg-only needs --seg-iterations N (N > 0)")
+    try:
+        args.seg_fraction_list = ([float(f) for f in args.seg_fractions.split(",") if f.strip()]
+                                  if args.seg_fractions else [1.0, args.fraction])
+    except ValueError:
+        p.error(f"--seg-fractions: {args.seg_fractions!r} is not a comma-separated list of numbers, e.g. 0.1,1.0")
+    if not args.seg_fraction_list or any(not 0 < f <= 1 for f in args.seg_fraction_list):
+        p.error(f"--seg-fractions: {args.seg_fractions!r}: each fraction must be in (0, 1]")
+    if len({f for f in args.seg_fraction_list if f < 1}) > 1:
+        p.error(f"--seg-fractions: {args.seg_fractions!r}: at most one fraction below 1 (the low-label rows)")
+    args.seg_encoder_list = [e.strip().lower() for e in args.seg_encoders.split(",") if e.strip()]
+    bad = [e for e in args.seg_encoder_list if e not in ENCODERS]
+    if bad or not args.seg_encoder_list:
+        p.error(f"--seg-encoders: unknown {bad}; choose from {','.join(ENCODERS)}")
     return args
 
 
@@ -209,13 +230,13 @@ def knee_namespace(args: argparse.Namespace) -> argparse.Namespace:
     return ns
 
 
-def prepare_knee(args: argparse.Namespace) -> Tuple[Path, Dict, Dict]:
-    """The knee's preprocessed folder, plans and pretraining record; generated / pretrained where missing.
+def prepare_knee(args: argparse.Namespace, views: Optional[Sequence[str]] = None) -> Tuple[Path, Dict, Dict]:
+    """The knee's preprocessed folder, plans and pretraining record; generated where missing, and its ``views``
+    (default: all) pretrained where they have no ``encoder.pt``.
 
     Runs with ``ORTHO_*`` pointing at ``--knee-work``."""
     from orthonet.planners.plans import load_plans, plans_path
     from orthonet.paths import dataset_id_from_name
-    from orthonet.training.pretrained import pretrain_view_dir
 
     knee_work = Path(args.knee_work)
     set_env(knee_work)
@@ -227,13 +248,21 @@ def prepare_knee(args: argparse.Namespace) -> Tuple[Path, Dict, Dict]:
                                 args.knee_unlabeled, args.seed, args.knee_size, CONFIG,
                                 shlex.split(args.knee_plan_args))
     plans = load_plans(pre)
-    folders = {v: pretrain_view_dir(plans["dataset_name"], plans["plans_name"], CONFIG, v) for v in plans["views"]}
+    pretrain_knee_views(args, pre, plans, list(plans["views"]) if views is None else views)
+    record = knee_work / "pretraining.json"
+    return pre, plans, (json.loads(record.read_text()) if record.is_file() else {})
+
+
+def pretrain_knee_views(args: argparse.Namespace, pre: Path, plans: Dict, views: Sequence[str]) -> None:
+    """Pretrain those of the knee's ``views`` that have no ``encoder.pt`` yet (the whole-exam benchmark's
+    ``pretrain``, record in ``--knee-work``/pretraining.json). The encoders are found through ``ORTHO_results``:
+    the knee's own, or WORK's link to it."""
+    from orthonet.training.pretrained import pretrain_view_dir
+    folders = {v: pretrain_view_dir(plans["dataset_name"], plans["plans_name"], CONFIG, v) for v in views}
     missing = [v for v, folder in folders.items() if not (folder / "encoder.pt").is_file()]
     if missing:
         print(f"[knee] pretraining the views without encoder.pt: {missing}", flush=True)
-        wx.pretrain(knee_namespace(args), pre, plans)
-    record = knee_work / "pretraining.json"
-    return pre, plans, (json.loads(record.read_text()) if record.is_file() else {})
+        wx.pretrain(knee_namespace(args), pre, dict(plans, views={v: plans["views"][v] for v in missing}))
 
 
 def knee_pretraining_summary(plans: Dict, record: Dict, default_patch: str) -> Dict:
@@ -497,6 +526,14 @@ def run_joint(args: argparse.Namespace, joint: str, knee_plans: Dict, knee_pre_i
             "timings": {k: round(v, 1) for k, v in timings.items()}}
 
 
+def seg_source_view(plans: Dict) -> str:
+    """The knee view whose encoder a transferred target's segmentation view loads (``--plans-from`` view map)."""
+    view = plans.get("segmentation_view")
+    if not view:
+        raise SystemExit(f"{plans['dataset_name']}: its plans name no segmentation_view, so it has no Dice rows")
+    return ((plans.get("transferred_from") or {}).get("views") or {}).get(view, view)
+
+
 def seg_rows(args: argparse.Namespace, joint: str, plans: Dict, knee_dir: str, encoders: Sequence[str]) -> Dict:
     """Optional Dice rows: the real ``ortho_train TARGET 3d_fullres 0 --task seg`` per encoder row and label
     fraction, ``--seg-iterations`` iterations, validation Dice of fold 0's held-out exams (the trainer's final
@@ -510,8 +547,8 @@ def seg_rows(args: argparse.Namespace, joint: str, plans: Dict, knee_dir: str, e
     per_epoch = min(iters, 25)
     epochs = max(1, math.ceil(iters / per_epoch))
     out = {"trainer": args.seg_trainer, "iterations": epochs * per_epoch, "epochs": epochs, "runs": {}}
-    for frac in (1.0, args.fraction):
-        for enc in encoders:
+    for frac in args.seg_fraction_list:
+        for enc in [e for e in encoders if e in args.seg_encoder_list]:
             key = f"{'100' if frac >= 1 else 'low'}_{enc}"
             dest = Path(args.work) / "seg" / joint / key
             summary_file = dest / "fold_0" / "validation" / "summary.json"
@@ -700,15 +737,20 @@ def markdown(results: Dict, command: str) -> str:
     return "\n".join(text)
 
 
-def seg_only(args: argparse.Namespace, knee_plans: Dict, t_start: float) -> int:
+def seg_only(args: argparse.Namespace, knee_pre: Path, knee_plans: Dict, t_start: float) -> int:
     """``--seg-only``: the Dice rows of every joint (knee, scratch, and own where WORK has the target's own
-    encoders), printed and written to WORK/seg_results.json; the docs section is left alone."""
+    encoders; the rows ``--seg-encoders`` / ``--seg-fractions`` select, a finished one read instead of retrained),
+    printed and written to WORK/seg_results.json; the docs section is left alone. Only the knee views the targets'
+    segmentation views map to are pretrained: a segmentation run loads no other."""
     from orthonet.fileio import save_json
     from orthonet.training.pretrained import pretrain_dir
     knee_dir = pretrain_dir(knee_plans["dataset_name"], knee_plans["plans_name"], CONFIG)
+    targets = {joint: prepare_target(args, joint, knee_plans["dataset_name"])[1] for joint in args.joint_list}
+    if "knee" in args.seg_encoder_list:
+        needed = sorted({seg_source_view(plans) for plans in targets.values()})
+        pretrain_knee_views(args, knee_pre, knee_plans, needed)
     segs = {}
-    for joint in args.joint_list:
-        _, plans = prepare_target(args, joint, knee_plans["dataset_name"])
+    for joint, plans in targets.items():
         own_dir = pretrain_dir(plans["dataset_name"], plans["plans_name"], CONFIG)
         has_own = all((own_dir / v / "encoder.pt").is_file() for v in plans["views"])
         encoders = [e for e in ENCODERS if e != "own" or (has_own and not args.skip_own_pretrain)]
@@ -732,8 +774,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     torch.set_num_threads(args.threads)
     t_start = time.time()
-    knee_pre, knee_plans, knee_record = prepare_knee(args)
+    # --seg-only pretrains only the knee views the targets' segmentation views need, once their plans exist
+    knee_pre, knee_plans, knee_record = prepare_knee(args, views=[] if args.seg_only else None)
     knee_name = knee_plans["dataset_name"]
+    set_env(work)                                    # the targets' env, the knee linked in
+    if Path(args.knee_work).resolve() != work.resolve():
+        for sub in ("preprocessed", "results"):
+            link_into(work / sub / knee_name, Path(args.knee_work) / sub / knee_name)
+    if args.seg_only:
+        return seg_only(args, knee_pre, knee_plans, t_start)
     knee_info = knee_pretraining_summary(knee_plans, knee_record, args.pretrain_patch)
     knee_meta = json.loads((knee_pre / "dataset.json").read_text())
     knee_raw_meta = Path(args.knee_work) / "raw" / knee_name / "synthetic.json"
@@ -743,12 +792,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     steps = {v: s["steps"] for v, s in knee_info["per_view"].items()}
     print(f"[knee] {knee_name}: views {list(knee_plans['views'])}, encoder steps {steps}, patch {knee_info['patch']}",
           flush=True)
-    set_env(work)                                    # the targets' env, the knee linked in
-    if Path(args.knee_work).resolve() != work.resolve():
-        for sub in ("preprocessed", "results"):
-            link_into(work / sub / knee_name, Path(args.knee_work) / sub / knee_name)
-    if args.seg_only:
-        return seg_only(args, knee_plans, t_start)
     joints = {}
     for joint in args.joint_list:
         joints[joint] = run_joint(args, joint, knee_plans, knee_info)

@@ -142,3 +142,78 @@ def test_seg_only_needs_seg_iterations():
     with pytest.raises(SystemExit):
         bt.parse_args(["--seg-only"])
     assert bt.parse_args(["--seg-only", "--seg-iterations", "300"]).seg_only
+
+
+def test_seg_fractions_and_encoders_select_the_dice_rows():
+    args = bt.parse_args(["--seg-only", "--seg-iterations", "3"])
+    assert args.seg_fraction_list == [1.0, 0.1] and args.seg_encoder_list == list(bt.ENCODERS)
+    args = bt.parse_args(["--seg-fractions", "0.1", "--seg-encoders", "Scratch, knee"])
+    assert args.seg_fraction_list == [0.1] and args.seg_encoder_list == ["scratch", "knee"]
+    for bad in (["--seg-fractions", "0.1,0.2"], ["--seg-fractions", "ten"], ["--seg-fractions", "0"],
+                ["--seg-fractions", "1.5"], ["--seg-encoders", "hip"], ["--seg-encoders", ","]):
+        with pytest.raises(SystemExit):
+            bt.parse_args(bad)
+
+
+def test_seg_source_view_follows_the_plans_view_map():
+    plans = {"dataset_name": "D", "segmentation_view": "sagittal",
+             "transferred_from": {"views": {"sagittal": "coronal", "axial": "axial"}}}
+    assert bt.seg_source_view(plans) == "coronal"
+    assert bt.seg_source_view({"dataset_name": "D", "segmentation_view": "axial"}) == "axial"
+    with pytest.raises(SystemExit, match="segmentation_view"):
+        bt.seg_source_view({"dataset_name": "D"})
+
+
+def test_pretrain_knee_views_pretrains_only_the_requested_views_without_an_encoder(tmp_path, monkeypatch):
+    from orthonet.training.pretrained import pretrain_view_dir
+    monkeypatch.setenv("ORTHO_results", str(tmp_path / "results"))
+    plans = {"dataset_name": "Dataset992_Knee", "plans_name": "orthoPlans",
+             "views": {"sagittal": {"s": 1}, "coronal": {"c": 1}, "axial": {"a": 1}}}
+    done = pretrain_view_dir("Dataset992_Knee", "orthoPlans", bt.CONFIG, "sagittal")
+    done.mkdir(parents=True)
+    (done / "encoder.pt").write_bytes(b"x")
+    calls = []
+    monkeypatch.setattr(bt.wx, "pretrain", lambda ns, pre, p: calls.append((ns.work, sorted(p["views"]))))
+    args = bt.parse_args(["--knee-work", str(tmp_path / "knee")])
+    bt.pretrain_knee_views(args, tmp_path / "pre", plans, ["sagittal"])
+    assert calls == []                                   # the segmentation view's encoder exists: nothing to do
+    bt.pretrain_knee_views(args, tmp_path / "pre", plans, ["sagittal", "coronal"])
+    assert calls == [(str(tmp_path / "knee"), ["coronal"])]
+
+
+def _finished_seg_run(folder: Path, start: str, dice: dict) -> None:
+    import json
+    (folder / "fold_0" / "validation").mkdir(parents=True)
+    per_case = {c: {"femur": d, "tibia": d} for c, d in dice.items()}
+    (folder / "fold_0" / "validation" / "summary.json").write_text(json.dumps(
+        {"segmentation": {"mean_dice": float(np.mean(list(dice.values()))), "per_case": per_case},
+         "cases": list(dice)}))
+    (folder / "fold_0" / "run_config.json").write_text(json.dumps(
+        {"pretrained_report": {"start": start}, "labelled_training_cases": ["a", "b"], "seed": 12345}))
+
+
+def test_seg_rows_read_finished_runs_of_the_selected_rows_without_training(tmp_path, monkeypatch):
+    import orthonet.training.cli as train_cli
+
+    def no_training(argv):
+        raise AssertionError(f"trained although the run was finished: {argv}")
+
+    monkeypatch.setattr(train_cli, "train_main", no_training)
+    dice = {"knee": {"c1": 0.2, "c2": 0.4, "c3": 0.3}, "scratch": {"c1": 0.1, "c2": 0.2, "c3": 0.3}}
+    for enc, start in (("knee", "pretrained"), ("scratch", "scratch")):
+        _finished_seg_run(tmp_path / "seg" / "shoulder" / f"low_{enc}", start, dice[enc])
+    args = bt.parse_args(["--work", str(tmp_path), "--seg-only", "--seg-iterations", "300", "--seg-fractions", "0.1",
+                          "--seg-encoders", "knee,scratch", "--bootstrap", "200"])
+    out = bt.seg_rows(args, "shoulder", {"dataset_name": "D", "plans_name": "orthoPlans"}, "/knee", bt.ENCODERS)
+    assert sorted(out["runs"]) == ["low_knee", "low_scratch"] and out["iterations"] == 300
+    assert out["runs"]["low_knee"]["mean_dice"] == pytest.approx(0.3) and out["runs"]["low_knee"]["seed"] == 12345
+    assert out["differences"]["low_knee_minus_scratch"]["mean"] == pytest.approx(0.1)
+    only = bt.parse_args(["--work", str(tmp_path), "--seg-only", "--seg-iterations", "300", "--seg-fractions", "0.1",
+                          "--seg-encoders", "scratch", "--bootstrap", "200"])
+    assert sorted(bt.seg_rows(only, "shoulder", {"dataset_name": "D", "plans_name": "orthoPlans"}, "/knee",
+                              bt.ENCODERS)["runs"]) == ["low_scratch"]
+    # a knee row whose run started from scratch is refused, never reported as transfer
+    (tmp_path / "seg" / "shoulder" / "low_knee" / "fold_0" / "run_config.json").write_text(
+        '{"pretrained_report": {"start": "scratch"}}')
+    with pytest.raises(SystemExit, match="did not start from pretrained"):
+        bt.seg_rows(args, "shoulder", {"dataset_name": "D", "plans_name": "orthoPlans"}, "/knee", bt.ENCODERS)
