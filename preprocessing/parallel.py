@@ -70,6 +70,19 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
+def _broken_pool_fix() -> str:
+    """The fix for a dead worker. Called from a user's own script, the usual other cause is a script without an
+    ``if __name__ == "__main__":`` guard: forkserver/spawn workers re-import it and die while it starts the pool."""
+    import __main__
+    fix = "rerun with fewer processes (-np 1 or 2); finished cases are kept"
+    script = getattr(__main__, "__file__", None)
+    if script and not os.path.basename(script).startswith("ortho_"):
+        fix += (f". If the workers printed 'An attempt has been made to start a new process before the current "
+                f"process has finished its bootstrapping phase', put the code of {script} under "
+                f"`if __name__ == \"__main__\":` (workers re-import the script that starts them)")
+    return fix
+
+
 def run_parallel(fn: Callable[..., Any], tasks: Sequence[Task], pool: Optional[Executor] = None,
                  desc: str = "", progress: bool = True) -> Tuple[Dict[Hashable, Any], Dict[Hashable, str]]:
     """Call ``fn(*args)`` for every ``(key, args)`` task; return ({key: result}, {key: error message}).
@@ -103,8 +116,7 @@ def run_parallel(fn: Callable[..., Any], tasks: Sequence[Task], pool: Optional[E
                     bar.update()
             except BrokenProcessPool:
                 raise OrthoError("a worker process died without an error message (usually the operating system "
-                                 "killed it for lack of memory)",
-                                 fix="rerun with fewer processes (-np 1 or 2); finished cases are kept") from None
+                                 "killed it for lack of memory)", fix=_broken_pool_fix()) from None
     finally:
         bar.close()
     return results, errors

@@ -288,3 +288,27 @@ def test_arrays_are_chunked_for_the_plans_patch_and_read_back_exactly(tmp_path, 
     window = (slice(None), slice(1, 1 + z), slice(2, 2 + y), slice(3, 3 + x))
     assert np.array_equal(stored[window], data[window])
     assert np.array_equal(storage.open_array(storage.image_file(tmp_path, "c0", "sagittal"), load=True), data)
+
+
+def _die_in_worker(code: int) -> int:
+    os._exit(code)          # what the kernel's OOM killer does to a worker, seen from the pool
+
+
+def test_a_dead_worker_is_one_error_with_the_fix(monkeypatch):
+    import __main__
+    from orthonet.errors import OrthoError
+    from orthonet.preprocessing.parallel import _broken_pool_fix, make_pool, run_parallel
+
+    pool = make_pool(2)
+    try:
+        with pytest.raises(OrthoError, match="worker process died") as info:
+            run_parallel(_die_in_worker, [("case_0", (3,)), ("case_1", (3,))], pool, progress=False)
+    finally:
+        pool.shutdown(cancel_futures=True)
+    assert "-np 1" in str(info.value)
+    # from a user's script the other usual cause, a missing __main__ guard, is named with the script ...
+    monkeypatch.setattr(__main__, "__file__", "/home/me/make_my_dataset.py", raising=False)
+    assert "/home/me/make_my_dataset.py" in _broken_pool_fix() and "__name__" in _broken_pool_fix()
+    # ... but not from orthonet's own console scripts, which have the guard
+    monkeypatch.setattr(__main__, "__file__", "/venv/bin/ortho_plan_and_preprocess", raising=False)
+    assert "__name__" not in _broken_pool_fix()
