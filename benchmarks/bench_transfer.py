@@ -47,6 +47,12 @@ Usage::
 
     python benchmarks/bench_transfer.py                 # full run, writes the 'transfer' section of docs/benchmarks.md
     python benchmarks/bench_transfer.py --quick --work /tmp/tq --knee-work /tmp/tq_knee   # smoke run, no docs
+    # Dice rows only, 10 % labels: once WORK holds the data (a first run made it), knee and scratch side by side
+    # on one core each, then one run that trains nothing new and tabulates both
+    S="--seg-only --joints shoulder --seg-iterations 300 --seg-trainer SegTrainerPyramid --seg-fractions 0.1"
+    python benchmarks/bench_transfer.py $S --threads 1 --seg-encoders knee &
+    python benchmarks/bench_transfer.py $S --threads 1 --seg-encoders scratch; wait
+    python benchmarks/bench_transfer.py $S --skip-own-pretrain
 
 Results: ``WORK/results.json`` and the ``transfer`` section of docs/benchmarks.md.
 """
