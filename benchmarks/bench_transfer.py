@@ -558,8 +558,8 @@ def seg_rows(args: argparse.Namespace, joint: str, plans: Dict, knee_dir: str, e
             key = f"{'100' if frac >= 1 else 'low'}_{enc}"
             dest = Path(args.work) / "seg" / joint / key
             summary_file = dest / "fold_0" / "validation" / "summary.json"
-            t0 = time.time()
-            if not summary_file.is_file():
+            t0, trained = time.time(), not summary_file.is_file()
+            if trained:
                 folder = model_dir(plans["dataset_name"], model_folder_name(args.seg_trainer, plans["plans_name"],
                                                                             CONFIG, frac, pretrained[enc]))
                 if folder.exists():
@@ -589,7 +589,8 @@ def seg_rows(args: argparse.Namespace, joint: str, plans: Dict, knee_dir: str, e
                                 "labelled": len(run.get("labelled_training_cases") or []),
                                 "start": start, "seed": run.get("seed"),
                                 "per_case": case_mean_dice(summary, str(summary_file)),
-                                "minutes": round((time.time() - t0) / 60, 2)}
+                                # a finished run read from WORK has no time of this run to report
+                                "minutes": round((time.time() - t0) / 60, 2) if trained else None}
             print(f"[{joint}] seg {key}: mean Dice {out['runs'][key]['mean_dice']}", flush=True)
     out.update(dice_intervals({k: r["per_case"] for k, r in out["runs"].items()}, args.bootstrap, args.seed))
     return out
@@ -668,8 +669,9 @@ def dice_table(segs: Dict[str, Dict], n_boot: Optional[int]) -> List[str]:
                 dice = fmt_ci(iv["mean_dice"], iv["ci"])
             else:
                 dice = "n/a" if r["mean_dice"] is None else f"{r['mean_dice']:.3f}"
+            minutes = "read" if r["minutes"] is None else f"{r['minutes']:.1f}"
             out.append(f"| {joint} | {r['labels']} ({r['labelled']} exams) | {r['encoders']} | {s['iterations']} | "
-                       f"{dice} | {r['minutes']:.1f} |")
+                       f"{dice} | {minutes} |")
     out.append("")
     for joint, s in segs.items():
         for tag in ("low", "100"):

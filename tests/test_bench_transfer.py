@@ -208,6 +208,8 @@ def test_seg_rows_read_finished_runs_of_the_selected_rows_without_training(tmp_p
     assert sorted(out["runs"]) == ["low_knee", "low_scratch"] and out["iterations"] == 300
     assert out["runs"]["low_knee"]["mean_dice"] == pytest.approx(0.3) and out["runs"]["low_knee"]["seed"] == 12345
     assert out["differences"]["low_knee_minus_scratch"]["mean"] == pytest.approx(0.1)
+    assert out["runs"]["low_knee"]["minutes"] is None            # read, not trained: no time to report
+    assert "| read |" in "\n".join(bt.dice_table({"shoulder": out}, 200))
     only = bt.parse_args(["--work", str(tmp_path), "--seg-only", "--seg-iterations", "300", "--seg-fractions", "0.1",
                           "--seg-encoders", "scratch", "--bootstrap", "200"])
     assert sorted(bt.seg_rows(only, "shoulder", {"dataset_name": "D", "plans_name": "orthoPlans"}, "/knee",
